@@ -1,0 +1,582 @@
+//! Plugin configuration: parsed once in `on_configure`, validated strictly, and compiled into the
+//! values the request path uses. Every error names the offending field and what it accepts,
+//! because the only place an operator sees it is one line of Envoy's log.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde_json::{Map, Value};
+
+use crate::select::Strategy;
+
+pub const DEFAULT_ENDPOINT_HEADER: &str = "x-gateway-destination-endpoint";
+pub const DEFAULT_CLUSTER: &str = "default";
+pub const DEFAULT_FALLBACK_ENDPOINTS: usize = 2;
+pub const DEFAULT_HOUSEKEEPING_INTERVAL_MS: u64 = 1_000;
+pub const DEFAULT_VM_LEASE_TTL_MS: u64 = 10_000;
+
+/// More endpoints than this is almost certainly a generated config gone wrong, and the shared
+/// table (one read and one write per request) grows with the pool.
+pub const MAX_ENDPOINTS: usize = 1_024;
+/// The header lists the chosen endpoint plus this many fallbacks at most; Envoy retries rarely
+/// go deeper than a handful of attempts.
+pub const MAX_FALLBACK_ENDPOINTS: usize = 16;
+const MIN_HOUSEKEEPING_INTERVAL_MS: u64 = 50;
+const MAX_HOUSEKEEPING_INTERVAL_MS: u64 = 60_000;
+/// A lease shorter than three housekeeping intervals would expire between two heartbeats of a
+/// healthy but briefly busy worker.
+const MIN_LEASE_INTERVALS: u64 = 3;
+const MAX_VM_LEASE_TTL_MS: u64 = 3_600_000;
+const MAX_CLUSTER_NAME_LEN: usize = 128;
+
+const FIELDS: &[&str] = &[
+    "routing_strategy",
+    "endpoints",
+    "endpoint_header",
+    "cluster",
+    "fallback_endpoints",
+    "housekeeping_interval_ms",
+    "vm_lease_ttl_ms",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub strategy: Strategy,
+    /// Canonical `ip:port` strings, exactly as Envoy prints a host's address.
+    pub endpoints: Vec<String>,
+    pub endpoint_header: String,
+    /// Names the shared counters and the stats; filters that share a cluster share counts.
+    pub cluster: String,
+    pub fallback_endpoints: usize,
+    pub housekeeping_interval_ms: u64,
+    pub vm_lease_ttl_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The JSON field at fault, or `None` when the document itself is wrong.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn document(message: impl Into<String>) -> Self {
+        Self {
+            field: None,
+            message: message.into(),
+        }
+    }
+
+    fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.field {
+            Some(field) => write!(f, "field \"{field}\": {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Parses the plugin configuration bytes Envoy hands to `on_configure`.
+pub fn parse(bytes: Option<&[u8]>) -> Result<Config, ConfigError> {
+    let bytes = match bytes {
+        Some(b) if !b.iter().all(u8::is_ascii_whitespace) => b,
+        _ => {
+            return Err(ConfigError::document(
+                "configuration is empty; expected a JSON object such as \
+                 {\"endpoints\": [\"10.0.0.1:8000\", \"10.0.0.2:8000\"]}",
+            ))
+        }
+    };
+    let document: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ConfigError::document(format!("configuration is not valid JSON: {e}")))?;
+    let Value::Object(object) = document else {
+        return Err(ConfigError::document(format!(
+            "configuration must be a JSON object, got {}",
+            type_name(&document)
+        )));
+    };
+    from_object(&object)
+}
+
+fn from_object(object: &Map<String, Value>) -> Result<Config, ConfigError> {
+    if let Some(unknown) = object.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(ConfigError::field(
+            unknown.as_str(),
+            format!("unknown field; known fields are {}", FIELDS.join(", ")),
+        ));
+    }
+
+    let strategy = match object.get("routing_strategy") {
+        None => Strategy::LeastOutstandingRequests,
+        Some(value) => {
+            let name = string_field("routing_strategy", value)?;
+            Strategy::from_name(name).ok_or_else(|| {
+                ConfigError::field(
+                    "routing_strategy",
+                    format!(
+                        "unknown strategy \"{name}\"; expected one of {}",
+                        Strategy::NAMES.map(|n| format!("\"{n}\"")).join(", ")
+                    ),
+                )
+            })?
+        }
+    };
+
+    let endpoints = endpoints_field(object.get("endpoints"))?;
+
+    let endpoint_header = match object.get("endpoint_header") {
+        None => DEFAULT_ENDPOINT_HEADER.to_owned(),
+        Some(value) => header_name_field("endpoint_header", value)?,
+    };
+
+    let cluster = match object.get("cluster") {
+        None => DEFAULT_CLUSTER.to_owned(),
+        Some(value) => cluster_field("cluster", value)?,
+    };
+
+    let fallback_endpoints = match object.get("fallback_endpoints") {
+        None => DEFAULT_FALLBACK_ENDPOINTS,
+        Some(value) => integer_field(
+            "fallback_endpoints",
+            value,
+            0,
+            MAX_FALLBACK_ENDPOINTS as u64,
+        )? as usize,
+    };
+
+    let housekeeping_interval_ms = match object.get("housekeeping_interval_ms") {
+        None => DEFAULT_HOUSEKEEPING_INTERVAL_MS,
+        Some(value) => integer_field(
+            "housekeeping_interval_ms",
+            value,
+            MIN_HOUSEKEEPING_INTERVAL_MS,
+            MAX_HOUSEKEEPING_INTERVAL_MS,
+        )?,
+    };
+
+    let min_lease = housekeeping_interval_ms * MIN_LEASE_INTERVALS;
+    let vm_lease_ttl_ms = match object.get("vm_lease_ttl_ms") {
+        None => DEFAULT_VM_LEASE_TTL_MS.max(min_lease),
+        Some(value) => {
+            let ttl = integer_field("vm_lease_ttl_ms", value, 1, MAX_VM_LEASE_TTL_MS)?;
+            if ttl < min_lease {
+                return Err(ConfigError::field(
+                    "vm_lease_ttl_ms",
+                    format!(
+                        "{ttl} is shorter than {MIN_LEASE_INTERVALS} housekeeping intervals \
+                         ({min_lease} ms); a busy but healthy worker would lose its lease"
+                    ),
+                ));
+            }
+            ttl
+        }
+    };
+
+    Ok(Config {
+        strategy,
+        endpoints,
+        endpoint_header,
+        cluster,
+        fallback_endpoints,
+        housekeeping_interval_ms,
+        vm_lease_ttl_ms,
+    })
+}
+
+fn endpoints_field(value: Option<&Value>) -> Result<Vec<String>, ConfigError> {
+    const FIELD: &str = "endpoints";
+    let Some(value) = value else {
+        return Err(ConfigError::field(
+            FIELD,
+            "required; list the pool's endpoints as \"ip:port\" strings, \
+             exactly as in the Envoy cluster",
+        ));
+    };
+    let Value::Array(items) = value else {
+        return Err(ConfigError::field(
+            FIELD,
+            format!(
+                "expected an array of \"ip:port\" strings, got {}",
+                type_name(value)
+            ),
+        ));
+    };
+    if items.is_empty() {
+        return Err(ConfigError::field(
+            FIELD,
+            "is empty; list at least one \"ip:port\"",
+        ));
+    }
+    if items.len() > MAX_ENDPOINTS {
+        return Err(ConfigError::field(
+            FIELD,
+            format!(
+                "has {} entries; at most {MAX_ENDPOINTS} are supported",
+                items.len()
+            ),
+        ));
+    }
+    let mut seen = HashSet::with_capacity(items.len());
+    let mut endpoints = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let field = format!("{FIELD}[{i}]");
+        let text = string_field(&field, item)?;
+        let address = parse_endpoint(text).map_err(|why| ConfigError::field(&field, why))?;
+        if !seen.insert(address.clone()) {
+            return Err(ConfigError::field(
+                &field,
+                format!("\"{text}\" is listed twice; each endpoint may appear once"),
+            ));
+        }
+        endpoints.push(address);
+    }
+    Ok(endpoints)
+}
+
+/// Returns the address in the form Envoy prints a host (`1.2.3.4:80`, `[::1]:80`), because the
+/// override_host policy matches the header against that string.
+pub fn parse_endpoint(text: &str) -> Result<String, String> {
+    let address: SocketAddr = text.parse().map_err(|_| {
+        format!(
+            "\"{}\" is not an \"ip:port\" address (IPv4 like 10.0.0.1:8000 or IPv6 like \
+             [fd00::1]:8000; host names are not allowed because Envoy matches hosts by address)",
+            truncate(text, 80)
+        )
+    })?;
+    if address.port() == 0 {
+        return Err(format!(
+            "\"{text}\" has port 0; give the port the backend listens on"
+        ));
+    }
+    if address.ip().is_unspecified() {
+        return Err(format!(
+            "\"{text}\" is an unspecified address; give the backend's own address"
+        ));
+    }
+    Ok(address.to_string())
+}
+
+fn header_name_field(field: &str, value: &Value) -> Result<String, ConfigError> {
+    let name = string_field(field, value)?;
+    let valid_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c);
+    if name.is_empty() || name.len() > 128 || !name.chars().all(valid_char) {
+        return Err(ConfigError::field(
+            field,
+            format!(
+                "\"{}\" is not a valid header name; use 1-128 lowercase letters, digits, '-', '_' \
+                 or '.' (default \"{DEFAULT_ENDPOINT_HEADER}\")",
+                truncate(name, 80)
+            ),
+        ));
+    }
+    const RESERVED: &[&str] = &[
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "upgrade",
+        "te",
+        "keep-alive",
+        "proxy-connection",
+    ];
+    if RESERVED.contains(&name) {
+        return Err(ConfigError::field(
+            field,
+            format!("\"{name}\" is an HTTP header Envoy manages itself; pick a dedicated name"),
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+fn cluster_field(field: &str, value: &Value) -> Result<String, ConfigError> {
+    let name = string_field(field, value)?;
+    let valid_char = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+    if name.is_empty() || name.len() > MAX_CLUSTER_NAME_LEN || !name.chars().all(valid_char) {
+        return Err(ConfigError::field(
+            field,
+            format!(
+                "\"{}\" is not a usable name; use 1-{MAX_CLUSTER_NAME_LEN} letters, digits, \
+                 '-', '_' or '.' (normally the Envoy cluster's name)",
+                truncate(name, 80)
+            ),
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+fn string_field<'a>(field: &str, value: &'a Value) -> Result<&'a str, ConfigError> {
+    value.as_str().ok_or_else(|| {
+        ConfigError::field(
+            field,
+            format!("expected a string, got {}", type_name(value)),
+        )
+    })
+}
+
+fn integer_field(field: &str, value: &Value, min: u64, max: u64) -> Result<u64, ConfigError> {
+    match value.as_u64() {
+        Some(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(ConfigError::field(
+            field,
+            format!(
+                "expected an integer from {min} to {max}, got {}",
+                truncate(&value.to_string(), 40)
+            ),
+        )),
+    }
+}
+
+fn type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Hostile configs can carry megabyte-long strings; a log line should not.
+fn truncate(text: &str, max_chars: usize) -> String {
+    match text.char_indices().nth(max_chars) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(text: &str) -> Result<Config, ConfigError> {
+        parse(Some(text.as_bytes()))
+    }
+
+    fn error_of(text: &str) -> ConfigError {
+        match parse_str(text) {
+            Ok(config) => panic!("expected an error for {text}, got {config:?}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let config = parse_str(r#"{"endpoints": ["10.0.0.1:8000", "10.0.0.2:8000"]}"#).unwrap();
+        assert_eq!(config.strategy, Strategy::LeastOutstandingRequests);
+        assert_eq!(config.endpoints, vec!["10.0.0.1:8000", "10.0.0.2:8000"]);
+        assert_eq!(config.endpoint_header, "x-gateway-destination-endpoint");
+        assert_eq!(config.cluster, "default");
+        assert_eq!(config.fallback_endpoints, 2);
+        assert_eq!(config.housekeeping_interval_ms, 1_000);
+        assert_eq!(config.vm_lease_ttl_ms, 10_000);
+    }
+
+    #[test]
+    fn every_field_can_be_set() {
+        let config = parse_str(
+            r#"{"routing_strategy": "RANDOM", "endpoints": ["[fd00::1]:9000"],
+                "endpoint_header": "x-pick", "cluster": "llama.pool-1",
+                "fallback_endpoints": 0, "housekeeping_interval_ms": 200,
+                "vm_lease_ttl_ms": 600}"#,
+        )
+        .unwrap();
+        assert_eq!(config.strategy, Strategy::Random);
+        assert_eq!(config.endpoints, vec!["[fd00::1]:9000"]);
+        assert_eq!(config.endpoint_header, "x-pick");
+        assert_eq!(config.cluster, "llama.pool-1");
+        assert_eq!(config.fallback_endpoints, 0);
+        assert_eq!(config.housekeeping_interval_ms, 200);
+        assert_eq!(config.vm_lease_ttl_ms, 600);
+    }
+
+    #[test]
+    fn default_lease_grows_with_a_long_housekeeping_interval() {
+        let config =
+            parse_str(r#"{"endpoints": ["10.0.0.1:1"], "housekeeping_interval_ms": 5000}"#)
+                .unwrap();
+        assert_eq!(config.vm_lease_ttl_ms, 15_000);
+    }
+
+    #[test]
+    fn addresses_are_canonicalised_like_envoy_prints_them() {
+        let config = parse_str(r#"{"endpoints": ["[FD00:0:0::1]:80", "010.0.0.1:80"]}"#);
+        // Leading zeros are not valid IPv4 in Rust's parser: better rejected than misread.
+        assert!(config.is_err());
+        let config = parse_str(r#"{"endpoints": ["[FD00:0:0::1]:80"]}"#).unwrap();
+        assert_eq!(config.endpoints, vec!["[fd00::1]:80"]);
+    }
+
+    #[test]
+    fn empty_or_missing_configuration_is_rejected() {
+        for bytes in [None, Some(&b""[..]), Some(&b"  \n"[..])] {
+            let err = parse(bytes).unwrap_err();
+            assert!(err.message.contains("configuration is empty"), "{err}");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field_and_what_is_allowed() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                r#"{"endpoints": ["1.1.1.1:1"], "strategy": "RANDOM"}"#,
+                "strategy",
+                "known fields are routing_strategy",
+            ),
+            (
+                r#"{"endpoints": ["1.1.1.1:1"], "routing_strategy": "LOR"}"#,
+                "routing_strategy",
+                "\"LEAST_OUTSTANDING_REQUESTS\", \"RANDOM\"",
+            ),
+            (
+                r#"{"endpoints": ["1.1.1.1:1"], "routing_strategy": 3}"#,
+                "routing_strategy",
+                "expected a string, got a number",
+            ),
+            (r#"{}"#, "endpoints", "required"),
+            (r#"{"endpoints": []}"#, "endpoints", "is empty"),
+            (
+                r#"{"endpoints": "1.1.1.1:1"}"#,
+                "endpoints",
+                "expected an array",
+            ),
+            (
+                r#"{"endpoints": ["1.1.1.1:1", "1.1.1.1:1"]}"#,
+                "endpoints[1]",
+                "listed twice",
+            ),
+            (
+                r#"{"endpoints": ["model-0:8000"]}"#,
+                "endpoints[0]",
+                "not an \"ip:port\" address",
+            ),
+            (
+                r#"{"endpoints": ["1.1.1.1"]}"#,
+                "endpoints[0]",
+                "not an \"ip:port\" address",
+            ),
+            (r#"{"endpoints": ["1.1.1.1:0"]}"#, "endpoints[0]", "port 0"),
+            (
+                r#"{"endpoints": ["0.0.0.0:80"]}"#,
+                "endpoints[0]",
+                "unspecified",
+            ),
+            (
+                r#"{"endpoints": [8000]}"#,
+                "endpoints[0]",
+                "expected a string",
+            ),
+            (
+                r#"{"endpoints": ["1.1.1.1:1"], "endpoint_header": "X-Upper"}"#,
+                "endpoint_header",
+                "lowercase",
+            ),
+            (
+                r#"{"endpoints": ["1.1.1.1:1"], "endpoint_header": ""}"#,
+                "endpoint_header",
+                "not a valid header name",
+            ),
+            (
+                r#"{"endpoints": ["1.1.1.1:1"], "endpoint_header": ":authority"}"#,
+                "endpoint_header",
+                "not a valid header name",
+            ),
+            (
+                r#"{"endpoints": ["1.1.1.1:1"], "endpoint_header": "host"}"#,
+                "endpoint_header",
+                "Envoy manages itself",
+            ),
+            (
+                r#"{"endpoints": ["1.1.1.1:1"], "cluster": "a b"}"#,
+                "cluster",
+                "not a usable name",
+            ),
+            (
+                r#"{"endpoints": ["1.1.1.1:1"], "fallback_endpoints": -1}"#,
+                "fallback_endpoints",
+                "integer from 0 to 16",
+            ),
+            (
+                r#"{"endpoints": ["1.1.1.1:1"], "fallback_endpoints": 1.5}"#,
+                "fallback_endpoints",
+                "integer from 0 to 16",
+            ),
+            (
+                r#"{"endpoints": ["1.1.1.1:1"], "fallback_endpoints": 17}"#,
+                "fallback_endpoints",
+                "integer from 0 to 16",
+            ),
+            (
+                r#"{"endpoints": ["1.1.1.1:1"], "housekeeping_interval_ms": 10}"#,
+                "housekeeping_interval_ms",
+                "integer from 50",
+            ),
+            (
+                r#"{"endpoints": ["1.1.1.1:1"], "vm_lease_ttl_ms": 2000}"#,
+                "vm_lease_ttl_ms",
+                "shorter than 3 housekeeping intervals",
+            ),
+        ];
+        for (text, field, hint) in cases {
+            let err = error_of(text);
+            assert_eq!(err.field.as_deref(), Some(*field), "{text}: {err}");
+            assert!(err.to_string().contains(hint), "{text}: {err} lacks {hint}");
+            assert!(
+                err.to_string().starts_with(&format!("field \"{field}\"")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn document_level_errors_say_what_is_wrong() {
+        assert!(error_of("[1, 2]")
+            .message
+            .contains("must be a JSON object, got an array"));
+        assert!(error_of("{\"endpoints\": [")
+            .message
+            .contains("not valid JSON"));
+        assert!(error_of("null").message.contains("got null"));
+    }
+
+    #[test]
+    fn hostile_sizes_are_rejected_with_short_messages() {
+        let many: Vec<String> = (0..=MAX_ENDPOINTS)
+            .map(|i| format!("\"10.{}.{}.1:80\"", i / 256, i % 256))
+            .collect();
+        let err = error_of(&format!("{{\"endpoints\": [{}]}}", many.join(",")));
+        assert!(err.message.contains("at most 1024"), "{err}");
+
+        let long = "a".repeat(1 << 20);
+        let err = error_of(&format!("{{\"endpoints\": [\"{long}\"]}}"));
+        assert!(
+            err.to_string().len() < 400,
+            "message is {} bytes",
+            err.to_string().len()
+        );
+        let err = error_of(&format!(
+            "{{\"endpoints\": [\"1.1.1.1:1\"], \"cluster\": \"{long}\"}}"
+        ));
+        assert!(err.to_string().len() < 400);
+    }
+
+    #[test]
+    fn the_largest_allowed_pool_is_accepted() {
+        let many: Vec<String> = (0..MAX_ENDPOINTS)
+            .map(|i| format!("\"10.{}.{}.1:80\"", i / 256, i % 256))
+            .collect();
+        let config = parse_str(&format!("{{\"endpoints\": [{}]}}", many.join(","))).unwrap();
+        assert_eq!(config.endpoints.len(), MAX_ENDPOINTS);
+    }
+}

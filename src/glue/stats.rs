@@ -1,0 +1,241 @@
+//! Envoy stats for operators. The request path only bumps local counters; they are flushed to
+//! Envoy on the housekeeping tick, so a request costs no metric host calls. Gauges of in-flight
+//! requests are published by the one VM holding the leader lease, from the shared table.
+
+use std::rc::Rc;
+
+use super::host;
+use crate::config::Config;
+use crate::membership::Membership;
+use crate::tracker::{Events, Routed, TrackerError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailOpen {
+    HostError,
+    Contention,
+    BadSharedState,
+    NoEligibleEndpoint,
+    HeaderWrite,
+    Reentered,
+}
+
+impl FailOpen {
+    const ALL: [FailOpen; 6] = [
+        Self::HostError,
+        Self::Contention,
+        Self::BadSharedState,
+        Self::NoEligibleEndpoint,
+        Self::HeaderWrite,
+        Self::Reentered,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::HostError => "host_error",
+            Self::Contention => "contention",
+            Self::BadSharedState => "bad_shared_state",
+            Self::NoEligibleEndpoint => "no_eligible_endpoint",
+            Self::HeaderWrite => "header_write",
+            Self::Reentered => "reentered",
+        }
+    }
+}
+
+impl From<&TrackerError> for FailOpen {
+    fn from(e: &TrackerError) -> Self {
+        match e {
+            TrackerError::Store(_) => Self::HostError,
+            TrackerError::Contention => Self::Contention,
+            TrackerError::Table(_) | TrackerError::Membership(_) => Self::BadSharedState,
+            TrackerError::NoEligibleEndpoint => Self::NoEligibleEndpoint,
+        }
+    }
+}
+
+/// A defined metric; `None` when the host refused to define it (the stat is then skipped
+/// rather than failing the filter).
+type Metric = Option<u32>;
+
+fn counter(name: &str) -> Metric {
+    host::define_metric(host::METRIC_COUNTER, name).ok()
+}
+
+fn gauge(name: &str) -> Metric {
+    host::define_metric(host::METRIC_GAUGE, name).ok()
+}
+
+fn add(metric: Metric, delta: u64) {
+    if let (Some(id), true) = (metric, delta > 0) {
+        let _ = host::increment_metric(id, i64::try_from(delta).unwrap_or(i64::MAX));
+    }
+}
+
+fn set(metric: Metric, value: u64) {
+    if let Some(id) = metric {
+        let _ = host::record_metric(id, value);
+    }
+}
+
+struct EndpointMetrics {
+    routed: Metric,
+    in_flight: Metric,
+}
+
+struct EventMetrics {
+    cas_conflicts: Metric,
+    corrections: Metric,
+    reclaimed_requests: Metric,
+    reaped_vms: Metric,
+    lost_slots: Metric,
+    deferred_releases: Metric,
+    dropped_releases: Metric,
+    stale_releases: Metric,
+    membership_changes: Metric,
+}
+
+pub struct Stats {
+    prefix: String,
+    decisions: Metric,
+    fail_open: [Metric; FailOpen::ALL.len()],
+    events: EventMetrics,
+    in_flight: Metric,
+    endpoint_count: Metric,
+    pending_releases: Metric,
+    endpoints: Vec<EndpointMetrics>,
+    endpoints_token: u64,
+    decisions_delta: u64,
+    fail_open_delta: [u64; FailOpen::ALL.len()],
+    routed_delta: Vec<u64>,
+    /// This VM's contribution to the shared pending-releases gauge, which sums all VMs.
+    pending_published: u64,
+}
+
+impl Stats {
+    pub fn new(config: &Config, membership: &Rc<Membership>) -> Self {
+        let prefix = format!("model_lb.{}.", config.cluster);
+        let name = |suffix: &str| format!("{prefix}{suffix}");
+        let mut stats = Self {
+            decisions: counter(&name(&format!("decisions.{}", config.strategy.stat_name()))),
+            fail_open: FailOpen::ALL.map(|r| counter(&name(&format!("fail_open.{}", r.name())))),
+            events: EventMetrics {
+                cas_conflicts: counter(&name("cas_conflicts")),
+                corrections: counter(&name("counter_corrections")),
+                reclaimed_requests: counter(&name("reclaimed_requests")),
+                reaped_vms: counter(&name("reaped_vms")),
+                lost_slots: counter(&name("lost_slots")),
+                deferred_releases: counter(&name("deferred_releases")),
+                dropped_releases: counter(&name("dropped_releases")),
+                stale_releases: counter(&name("stale_releases")),
+                membership_changes: counter(&name("membership_changes")),
+            },
+            in_flight: gauge(&name("in_flight")),
+            endpoint_count: gauge(&name("endpoints")),
+            pending_releases: gauge(&name("pending_releases")),
+            endpoints: Vec::new(),
+            endpoints_token: 0,
+            decisions_delta: 0,
+            fail_open_delta: [0; FailOpen::ALL.len()],
+            routed_delta: Vec::new(),
+            pending_published: 0,
+            prefix,
+        };
+        stats.follow(membership);
+        stats
+    }
+
+    /// Re-targets the per-endpoint stats at a new membership, flushing what was counted for the
+    /// old one first and zeroing the gauges of endpoints that left.
+    fn follow(&mut self, membership: &Rc<Membership>) {
+        if membership.token() == self.endpoints_token && !self.endpoints.is_empty() {
+            return;
+        }
+        self.flush_routed();
+        for old in &self.endpoints {
+            set(old.in_flight, 0);
+        }
+        self.endpoints = membership
+            .endpoints()
+            .iter()
+            .map(|address| EndpointMetrics {
+                routed: counter(&format!("{}endpoint.{address}.routed", self.prefix)),
+                in_flight: gauge(&format!("{}endpoint.{address}.in_flight", self.prefix)),
+            })
+            .collect();
+        self.routed_delta = vec![0; membership.len()];
+        self.endpoints_token = membership.token();
+        set(self.endpoint_count, membership.len() as u64);
+    }
+
+    pub fn routed(&mut self, routed: &Routed) {
+        self.follow(&routed.membership);
+        self.decisions_delta += 1;
+        if let Some(slot) = routed
+            .selection
+            .chosen()
+            .and_then(|e| self.routed_delta.get_mut(e))
+        {
+            *slot += 1;
+        }
+    }
+
+    pub fn fail_open(&mut self, reason: FailOpen) {
+        if let Some(i) = FailOpen::ALL.iter().position(|&r| r == reason) {
+            self.fail_open_delta[i] += 1;
+        }
+    }
+
+    pub fn publish_loads(&mut self, membership: &Rc<Membership>, loads: &[u32]) {
+        self.follow(membership);
+        for (metrics, &load) in self.endpoints.iter().zip(loads) {
+            set(metrics.in_flight, u64::from(load));
+        }
+        set(self.in_flight, loads.iter().map(|&l| u64::from(l)).sum());
+    }
+
+    fn flush_routed(&mut self) {
+        for (metrics, delta) in self.endpoints.iter().zip(&mut self.routed_delta) {
+            add(metrics.routed, std::mem::take(delta));
+        }
+    }
+
+    pub fn flush(&mut self, events: &Events, cluster: &str, pending_releases: usize) {
+        add(self.decisions, std::mem::take(&mut self.decisions_delta));
+        let mut failed_open = 0;
+        for (metric, delta) in self.fail_open.iter().zip(&mut self.fail_open_delta) {
+            failed_open += *delta;
+            add(*metric, std::mem::take(delta));
+        }
+        self.flush_routed();
+        let e = &self.events;
+        add(e.cas_conflicts, events.cas_conflicts);
+        add(e.corrections, events.corrections);
+        add(e.reclaimed_requests, events.reclaimed_requests);
+        add(e.reaped_vms, events.reaped_slots);
+        add(e.lost_slots, events.lost_slots);
+        add(e.deferred_releases, events.deferred_releases);
+        add(e.dropped_releases, events.dropped_releases);
+        add(e.stale_releases, events.stale_releases);
+        add(e.membership_changes, events.membership_changes);
+        let pending = pending_releases as u64;
+        if let Some(id) = self.pending_releases {
+            let delta = pending as i64 - self.pending_published as i64;
+            if delta != 0 && host::increment_metric(id, delta).is_ok() {
+                self.pending_published = pending;
+            }
+        }
+        // One line per interval, not per request, however many requests failed open.
+        if failed_open > 0 {
+            log::warn!(
+                "model-lb: cluster \"{cluster}\": {failed_open} requests failed open to the \
+                 cluster's fallback policy since the last tick (see model_lb.{cluster}.fail_open.*)"
+            );
+        }
+        if events.corrections > 0 {
+            log::warn!(
+                "model-lb: cluster \"{cluster}\": {} in-flight counts were already zero when \
+                 decremented and were clamped",
+                events.corrections
+            );
+        }
+    }
+}

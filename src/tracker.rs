@@ -1,0 +1,511 @@
+//! Outstanding-request accounting for one pool, as seen from one worker VM. Every change is a
+//! read of the pool's table followed by a compare-and-swap write, retried on conflict, so
+//! concurrent workers never lose an update. Pure: the store and the randomness are injected.
+
+use std::fmt;
+use std::rc::Rc;
+
+use crate::membership::{MalformedMembership, Membership};
+use crate::rng::{RandomSource, SplitMix64};
+use crate::select::{select, Selection, Strategy};
+use crate::store::{SharedStore, StoreError};
+use crate::table::{Decrement, Reaped, Table, TableError};
+
+/// Conflicts are only possible with other workers updating the same pool at the same instant, so
+/// a handful of retries covers heavy contention; past that, routing fails open rather than
+/// spinning on the request path.
+pub const ROUTE_ATTEMPTS: u32 = 16;
+/// A release that cannot be written is kept and retried on the next housekeeping tick, so it is
+/// never lost; this only bounds the work done inside one callback.
+pub const RELEASE_ATTEMPTS: u32 = 32;
+const HOUSEKEEPING_ATTEMPTS: u32 = 8;
+/// Releases still waiting for a successful write. Past this something is deeply wrong with the
+/// host; dropping the oldest keeps memory bounded and is counted.
+const MAX_PENDING_RELEASES: usize = 65_536;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrackerError {
+    Store(StoreError),
+    /// Conditional writes kept losing to other workers.
+    Contention,
+    Table(TableError),
+    Membership(MalformedMembership),
+    /// No endpoint may take the request (all filtered out by health, for instance).
+    NoEligibleEndpoint,
+}
+
+impl fmt::Display for TrackerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Store(e) => e.fmt(f),
+            Self::Contention => write!(
+                f,
+                "shared table still contended after {ROUTE_ATTEMPTS} attempts"
+            ),
+            Self::Table(e) => e.fmt(f),
+            Self::Membership(e) => e.fmt(f),
+            Self::NoEligibleEndpoint => f.write_str("no eligible endpoint"),
+        }
+    }
+}
+
+impl TrackerError {
+    /// Stable label for the fail-open stat.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Store(_) => "host_error",
+            Self::Contention => "contention",
+            Self::Table(_) | Self::Membership(_) => "bad_shared_state",
+            Self::NoEligibleEndpoint => "no_eligible_endpoint",
+        }
+    }
+}
+
+impl From<StoreError> for TrackerError {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
+}
+
+impl From<TableError> for TrackerError {
+    fn from(e: TableError) -> Self {
+        Self::Table(e)
+    }
+}
+
+impl From<MalformedMembership> for TrackerError {
+    fn from(e: MalformedMembership) -> Self {
+        Self::Membership(e)
+    }
+}
+
+/// What a routed request holds until its stream ends: enough to decrement exactly the count it
+/// incremented, under the same slot owner, even if the pool's membership changed meanwhile.
+#[derive(Debug, Clone)]
+pub struct Ticket {
+    slot: u16,
+    owner: u64,
+    endpoint: u16,
+    membership: Rc<Membership>,
+}
+
+impl Ticket {
+    pub fn endpoint_address(&self) -> &str {
+        &self.membership.endpoints()[usize::from(self.endpoint)]
+    }
+}
+
+#[derive(Debug)]
+pub struct Routed {
+    pub ticket: Ticket,
+    pub selection: Selection,
+    /// The membership the selection's indices refer to.
+    pub membership: Rc<Membership>,
+    /// Total in flight on the chosen endpoint, this request included.
+    pub chosen_load: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    Applied,
+    /// The count was already zero and stayed there; reported as a correction.
+    ClampedAtZero,
+    /// The slot was reaped (its counts already taken back) or the table was re-created.
+    SlotReclaimed,
+    /// The endpoint left the pool; its counts went with it.
+    EndpointRemoved,
+    /// Could not write now; queued and retried on the next housekeeping tick.
+    Deferred,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Install {
+    Created,
+    Adopted,
+    Replaced,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Housekeeping {
+    pub leader: bool,
+    pub reaped: Reaped,
+    /// Per-endpoint totals, published by the leader only so gauges have one writer.
+    pub loads: Option<Vec<u32>>,
+}
+
+/// Things that happened since the last [`PoolTracker::take_events`], for stats.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Events {
+    pub cas_conflicts: u64,
+    pub corrections: u64,
+    pub reclaimed_requests: u64,
+    pub reaped_slots: u64,
+    pub lost_slots: u64,
+    pub deferred_releases: u64,
+    pub dropped_releases: u64,
+    pub stale_releases: u64,
+    pub membership_changes: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Claim {
+    slot: usize,
+    owner: u64,
+}
+
+pub struct PoolTracker {
+    key_prefix: String,
+    table_key: String,
+    configured: Vec<String>,
+    membership: Rc<Membership>,
+    claim: Option<Claim>,
+    leader_id: u64,
+    now_ms: u64,
+    pending: Vec<Ticket>,
+    ids: SplitMix64,
+    events: Events,
+}
+
+impl PoolTracker {
+    /// `cluster` names the shared keys: every filter naming the same cluster shares its counts.
+    /// `seed` must differ between VMs (owner tokens are drawn from it).
+    pub fn new(cluster: &str, endpoints: Vec<String>, seed: u64, now_ms: u64) -> Self {
+        let key_prefix = format!("model_lb.v1.{cluster}.");
+        let mut ids = SplitMix64::new(seed);
+        let leader_id = nonzero(&mut ids);
+        Self {
+            table_key: format!("{key_prefix}table"),
+            key_prefix,
+            membership: Rc::new(Membership::new(0, endpoints.clone())),
+            configured: endpoints,
+            claim: None,
+            leader_id,
+            now_ms,
+            pending: Vec::new(),
+            ids,
+            events: Events::default(),
+        }
+    }
+
+    pub fn table_key(&self) -> &str {
+        &self.table_key
+    }
+
+    pub fn membership(&self) -> &Rc<Membership> {
+        &self.membership
+    }
+
+    pub fn pending_releases(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn take_events(&mut self) -> Events {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Makes the shared table describe the configured endpoints: creates it, adopts an
+    /// identical one (another worker or an earlier config got there first), or moves the counts
+    /// of endpoints that stay onto a new membership. Run from `on_configure`, before traffic.
+    pub fn install<S: SharedStore>(&mut self, store: &S) -> Result<Install, TrackerError> {
+        for _ in 0..ROUTE_ATTEMPTS {
+            let Some((bytes, cas)) = store.get(&self.table_key)? else {
+                self.create(store)?;
+                return Ok(Install::Created);
+            };
+            let Ok(table) = Table::parse(bytes) else {
+                // Only a bug could leave a malformed value under our versioned key; start over
+                // rather than refuse to route forever. Requests counted in it cannot be
+                // decremented twice: their slot owners are gone with it.
+                self.create(store)?;
+                return Ok(Install::Created);
+            };
+            let current = match self.load_membership(store, table.membership_token()) {
+                Ok(current) => current,
+                Err(TrackerError::Membership(_)) => {
+                    self.create(store)?;
+                    return Ok(Install::Created);
+                }
+                Err(e) => return Err(e),
+            };
+            if current.has_same_endpoints(&self.configured) {
+                self.adopt(current);
+                return Ok(Install::Adopted);
+            }
+            let next = self.write_membership(store, self.configured.clone())?;
+            let remapped = table.remapped(next.token(), next.len(), &next.mapping_from(&current));
+            match store.set(&self.table_key, remapped.as_bytes(), cas) {
+                Ok(()) => {
+                    self.adopt(Rc::new(next));
+                    return Ok(Install::Replaced);
+                }
+                Err(StoreError::CasMismatch) => self.events.cas_conflicts += 1,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(TrackerError::Contention)
+    }
+
+    fn create<S: SharedStore>(&mut self, store: &S) -> Result<(), TrackerError> {
+        let membership = self.write_membership(store, self.configured.clone())?;
+        let table = Table::new(membership.token(), membership.len());
+        // Creation cannot be conditional in Envoy; two workers creating at once both write an
+        // empty table before any traffic, and the loser's cached membership is simply replaced
+        // on its first read.
+        store.set(&self.table_key, table.as_bytes(), 0)?;
+        self.adopt(Rc::new(membership));
+        Ok(())
+    }
+
+    fn write_membership<S: SharedStore>(
+        &mut self,
+        store: &S,
+        endpoints: Vec<String>,
+    ) -> Result<Membership, TrackerError> {
+        let membership = Membership::new(nonzero(&mut self.ids), endpoints);
+        let key = Membership::key(&self.key_prefix, membership.token());
+        store.set(&key, &membership.encode(), 0)?;
+        Ok(membership)
+    }
+
+    fn load_membership<S: SharedStore>(
+        &self,
+        store: &S,
+        token: u64,
+    ) -> Result<Rc<Membership>, TrackerError> {
+        if token == self.membership.token() {
+            return Ok(Rc::clone(&self.membership));
+        }
+        let key = Membership::key(&self.key_prefix, token);
+        let Some((bytes, _)) = store.get(&key)? else {
+            return Err(MalformedMembership.into());
+        };
+        Ok(Rc::new(Membership::decode(token, &bytes)?))
+    }
+
+    fn adopt(&mut self, membership: Rc<Membership>) {
+        // Token 0 is the placeholder before the first install: learning the pool is no change.
+        if self.membership.token() != 0 && membership.token() != self.membership.token() {
+            self.events.membership_changes += 1;
+        }
+        self.membership = membership;
+    }
+
+    /// Reads the table, re-creating it if it vanished or is damaged, and follows its membership.
+    fn read<S: SharedStore>(&mut self, store: &S) -> Result<(Table, u32), TrackerError> {
+        let (table, cas) = match store.get(&self.table_key)? {
+            Some((bytes, cas)) => match Table::parse(bytes) {
+                Ok(table) => (table, cas),
+                Err(_) => self.recreate(store)?,
+            },
+            None => self.recreate(store)?,
+        };
+        if table.membership_token() != self.membership.token() {
+            let membership = self.load_membership(store, table.membership_token())?;
+            self.adopt(membership);
+        }
+        Ok((table, cas))
+    }
+
+    fn recreate<S: SharedStore>(&mut self, store: &S) -> Result<(Table, u32), TrackerError> {
+        self.install(store)?;
+        match store.get(&self.table_key)? {
+            Some((bytes, cas)) => Ok((Table::parse(bytes)?, cas)),
+            None => Err(TableError::Malformed("table vanished right after creation").into()),
+        }
+    }
+
+    /// Picks endpoints for a request and counts it on the chosen one, atomically.
+    pub fn route<S, R, E>(
+        &mut self,
+        store: &S,
+        strategy: Strategy,
+        fallbacks: usize,
+        rng: &mut R,
+        eligible: E,
+    ) -> Result<Routed, TrackerError>
+    where
+        S: SharedStore,
+        R: RandomSource,
+        E: Fn(usize) -> bool,
+    {
+        for _ in 0..ROUTE_ATTEMPTS {
+            let (mut table, cas) = self.read(store)?;
+            let claim = match self.claim {
+                Some(claim) if table.slot_owner(claim.slot) == claim.owner => claim,
+                _ => {
+                    let owner = nonzero(&mut self.ids);
+                    let slot = table.claim_slot(owner, self.now_ms)?;
+                    Claim { slot, owner }
+                }
+            };
+            let selection = select(strategy, &table, &eligible, fallbacks, rng);
+            let Some(chosen) = selection.chosen() else {
+                return Err(TrackerError::NoEligibleEndpoint);
+            };
+            table.increment(claim.slot, chosen);
+            match store.set(&self.table_key, table.as_bytes(), cas) {
+                Ok(()) => {
+                    self.claim = Some(claim);
+                    let membership = Rc::clone(&self.membership);
+                    return Ok(Routed {
+                        ticket: Ticket {
+                            slot: claim.slot as u16,
+                            owner: claim.owner,
+                            endpoint: chosen as u16,
+                            membership: Rc::clone(&membership),
+                        },
+                        selection,
+                        membership,
+                        chosen_load: table.total(chosen),
+                    });
+                }
+                Err(StoreError::CasMismatch) => self.events.cas_conflicts += 1,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(TrackerError::Contention)
+    }
+
+    /// Ends a request's count. Never loses it: what cannot be written now is retried later.
+    pub fn release<S: SharedStore>(&mut self, store: &S, ticket: Ticket) -> Release {
+        match self.try_release(store, &ticket) {
+            Ok(outcome) => {
+                self.count_release(outcome);
+                outcome
+            }
+            Err(_) => {
+                self.events.deferred_releases += 1;
+                self.defer(ticket);
+                Release::Deferred
+            }
+        }
+    }
+
+    fn count_release(&mut self, outcome: Release) {
+        match outcome {
+            Release::ClampedAtZero => self.events.corrections += 1,
+            Release::SlotReclaimed => self.events.stale_releases += 1,
+            Release::EndpointRemoved => self.events.dropped_releases += 1,
+            Release::Applied | Release::Deferred => {}
+        }
+    }
+
+    fn defer(&mut self, ticket: Ticket) {
+        if self.pending.len() >= MAX_PENDING_RELEASES {
+            self.pending.remove(0);
+            self.events.dropped_releases += 1;
+        }
+        self.pending.push(ticket);
+    }
+
+    fn try_release<S: SharedStore>(
+        &mut self,
+        store: &S,
+        ticket: &Ticket,
+    ) -> Result<Release, TrackerError> {
+        for _ in 0..RELEASE_ATTEMPTS {
+            let Some((bytes, cas)) = store.get(&self.table_key)? else {
+                return Ok(Release::SlotReclaimed);
+            };
+            let Ok(mut table) = Table::parse(bytes) else {
+                return Ok(Release::SlotReclaimed);
+            };
+            if table.slot_owner(usize::from(ticket.slot)) != ticket.owner {
+                return Ok(Release::SlotReclaimed);
+            }
+            let endpoint = if table.membership_token() == ticket.membership.token() {
+                usize::from(ticket.endpoint)
+            } else {
+                let current = self.load_membership(store, table.membership_token())?;
+                let found = current.position(ticket.endpoint_address());
+                self.adopt(current);
+                match found {
+                    Some(endpoint) => endpoint,
+                    None => return Ok(Release::EndpointRemoved),
+                }
+            };
+            let outcome = table.decrement(usize::from(ticket.slot), endpoint);
+            match store.set(&self.table_key, table.as_bytes(), cas) {
+                Ok(()) => {
+                    return Ok(match outcome {
+                        Decrement::Applied => Release::Applied,
+                        Decrement::ClampedAtZero => Release::ClampedAtZero,
+                    })
+                }
+                Err(StoreError::CasMismatch) => self.events.cas_conflicts += 1,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(TrackerError::Contention)
+    }
+
+    /// Periodic upkeep from `on_tick`: retries deferred releases, renews this VM's slot lease,
+    /// and, on the one VM holding the leader lease, reaps slots of VMs that stopped heartbeating
+    /// and reports the totals for the gauges.
+    pub fn housekeeping<S: SharedStore>(
+        &mut self,
+        store: &S,
+        now_ms: u64,
+        lease_ttl_ms: u64,
+    ) -> Result<Housekeeping, TrackerError> {
+        self.now_ms = now_ms;
+        for ticket in std::mem::take(&mut self.pending) {
+            match self.try_release(store, &ticket) {
+                Ok(outcome) => self.count_release(outcome),
+                Err(_) => self.defer(ticket),
+            }
+        }
+        for _ in 0..HOUSEKEEPING_ATTEMPTS {
+            let (mut table, cas) = self.read(store)?;
+            let mut dirty = false;
+            if let Some(claim) = self.claim {
+                if table.slot_owner(claim.slot) == claim.owner {
+                    table.heartbeat(claim.slot, now_ms);
+                    dirty = true;
+                } else {
+                    self.claim = None;
+                    self.events.lost_slots += 1;
+                }
+            }
+            let (leader, expiry) = table.leader();
+            let lead = leader == self.leader_id || leader == 0 || expiry <= now_ms;
+            let mut reaped = Reaped::default();
+            if lead {
+                table.set_leader(self.leader_id, now_ms.saturating_add(lease_ttl_ms));
+                reaped = table.reap_expired(now_ms, lease_ttl_ms);
+                dirty = true;
+            }
+            if dirty {
+                match store.set(&self.table_key, table.as_bytes(), cas) {
+                    Ok(()) => {}
+                    Err(StoreError::CasMismatch) => {
+                        self.events.cas_conflicts += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            self.events.reaped_slots += u64::from(reaped.slots);
+            self.events.reclaimed_requests += reaped.requests;
+            self.events.corrections += reaped.corrections;
+            return Ok(Housekeeping {
+                leader: lead,
+                reaped,
+                loads: lead.then(|| table.totals()),
+            });
+        }
+        Err(TrackerError::Contention)
+    }
+}
+
+fn nonzero(rng: &mut SplitMix64) -> u64 {
+    loop {
+        let id = rng.next_u64();
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

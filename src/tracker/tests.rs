@@ -1,0 +1,408 @@
+use std::sync::{mpsc, Arc};
+
+use super::*;
+use crate::store::MemoryStore;
+
+const TTL: u64 = 10_000;
+
+fn endpoints(n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("10.0.0.{i}:8000")).collect()
+}
+
+fn worker(store: &MemoryStore, n: usize, seed: u64) -> PoolTracker {
+    let mut tracker = PoolTracker::new("pool", endpoints(n), seed, 1_000);
+    tracker.install(store).unwrap();
+    tracker
+}
+
+fn totals(store: &MemoryStore) -> Vec<u32> {
+    Table::parse(store.raw("model_lb.v1.pool.table").unwrap())
+        .unwrap()
+        .totals()
+}
+
+fn route(tracker: &mut PoolTracker, store: &MemoryStore, rng: &mut SplitMix64) -> Routed {
+    tracker
+        .route(store, Strategy::LeastOutstandingRequests, 2, rng, |_| true)
+        .unwrap()
+}
+
+#[test]
+fn first_worker_creates_the_table_and_the_others_adopt_it() {
+    let store = MemoryStore::new();
+    let mut a = PoolTracker::new("pool", endpoints(3), 1, 0);
+    let mut b = PoolTracker::new("pool", endpoints(3).into_iter().rev().collect(), 2, 0);
+    assert_eq!(a.install(&store).unwrap(), Install::Created);
+    assert_eq!(b.install(&store).unwrap(), Install::Adopted);
+    assert_eq!(
+        a.membership(),
+        b.membership(),
+        "same endpoints in any order share one membership"
+    );
+    assert_eq!(totals(&store), vec![0, 0, 0]);
+}
+
+#[test]
+fn a_request_counts_from_route_to_release_on_the_endpoint_it_was_sent_to() {
+    let store = MemoryStore::new();
+    let mut t = worker(&store, 3, 1);
+    let mut rng = SplitMix64::new(5);
+    let routed = route(&mut t, &store, &mut rng);
+    let chosen = routed.selection.chosen().unwrap();
+    assert_eq!(routed.chosen_load, 1);
+    assert_eq!(routed.ticket.endpoint_address(), endpoints(3)[chosen]);
+    let mut expected = vec![0, 0, 0];
+    expected[chosen] = 1;
+    assert_eq!(totals(&store), expected);
+    assert_eq!(t.release(&store, routed.ticket), Release::Applied);
+    assert_eq!(totals(&store), vec![0, 0, 0]);
+}
+
+#[test]
+fn workers_sharing_a_table_spread_requests_exactly_evenly() {
+    let store = MemoryStore::new();
+    let mut workers: Vec<PoolTracker> = (0..4).map(|i| worker(&store, 5, i)).collect();
+    let mut rng = SplitMix64::new(9);
+    let mut held = Vec::new();
+    for i in 0..15 {
+        let w = i % workers.len();
+        held.push((w, route(&mut workers[w], &store, &mut rng).ticket));
+    }
+    assert_eq!(totals(&store), vec![3, 3, 3, 3, 3]);
+    for (w, ticket) in held {
+        assert_eq!(workers[w].release(&store, ticket), Release::Applied);
+    }
+    assert_eq!(totals(&store), vec![0; 5]);
+}
+
+#[test]
+fn injected_cas_conflicts_are_retried_without_losing_or_doubling_a_count() {
+    let store = MemoryStore::new();
+    let mut t = worker(&store, 2, 1);
+    let mut rng = SplitMix64::new(1);
+    store.inject_conflicts(ROUTE_ATTEMPTS - 1);
+    let routed = route(&mut t, &store, &mut rng);
+    assert_eq!(totals(&store).iter().sum::<u32>(), 1);
+    assert_eq!(t.take_events().cas_conflicts, u64::from(ROUTE_ATTEMPTS - 1));
+    store.inject_conflicts(RELEASE_ATTEMPTS - 1);
+    assert_eq!(t.release(&store, routed.ticket), Release::Applied);
+    assert_eq!(totals(&store), vec![0, 0]);
+}
+
+#[test]
+fn endless_contention_fails_open_without_counting() {
+    let store = MemoryStore::new();
+    let mut t = worker(&store, 2, 1);
+    let mut rng = SplitMix64::new(1);
+    store.inject_conflicts(ROUTE_ATTEMPTS);
+    let err = t
+        .route(&store, Strategy::Random, 1, &mut rng, |_| true)
+        .unwrap_err();
+    assert_eq!(err, TrackerError::Contention);
+    assert_eq!(err.reason(), "contention");
+    assert_eq!(totals(&store), vec![0, 0]);
+}
+
+#[test]
+fn a_release_that_cannot_be_written_is_kept_and_applied_later() {
+    let store = MemoryStore::new();
+    let mut t = worker(&store, 2, 1);
+    let mut rng = SplitMix64::new(1);
+    let a = route(&mut t, &store, &mut rng);
+    let b = route(&mut t, &store, &mut rng);
+    store.inject_conflicts(RELEASE_ATTEMPTS);
+    assert_eq!(t.release(&store, a.ticket), Release::Deferred);
+    store.fail_with(Some(2));
+    assert_eq!(t.release(&store, b.ticket), Release::Deferred);
+    assert_eq!(t.pending_releases(), 2);
+    assert_eq!(totals(&store), vec![1, 1]);
+    assert!(
+        t.housekeeping(&store, 2_000, TTL).is_err(),
+        "host still failing"
+    );
+    assert_eq!(t.pending_releases(), 2);
+    store.fail_with(None);
+    t.housekeeping(&store, 3_000, TTL).unwrap();
+    assert_eq!(t.pending_releases(), 0);
+    assert_eq!(totals(&store), vec![0, 0]);
+    assert_eq!(
+        t.take_events().deferred_releases,
+        2,
+        "a retried release is not counted twice"
+    );
+}
+
+#[test]
+fn host_failures_on_the_request_path_are_errors_not_panics() {
+    let store = MemoryStore::new();
+    let mut t = worker(&store, 2, 1);
+    let mut rng = SplitMix64::new(1);
+    store.fail_with(Some(10));
+    let err = t
+        .route(
+            &store,
+            Strategy::LeastOutstandingRequests,
+            1,
+            &mut rng,
+            |_| true,
+        )
+        .unwrap_err();
+    assert_eq!(err, TrackerError::Store(StoreError::Host(10)));
+    assert_eq!(err.reason(), "host_error");
+}
+
+#[test]
+fn no_eligible_endpoint_fails_open_without_counting() {
+    let store = MemoryStore::new();
+    let mut t = worker(&store, 3, 1);
+    let mut rng = SplitMix64::new(1);
+    let err = t
+        .route(
+            &store,
+            Strategy::LeastOutstandingRequests,
+            1,
+            &mut rng,
+            |_| false,
+        )
+        .unwrap_err();
+    assert_eq!(err, TrackerError::NoEligibleEndpoint);
+    assert_eq!(totals(&store), vec![0, 0, 0]);
+}
+
+#[test]
+fn a_dead_vms_requests_are_reclaimed_after_its_lease_and_never_decremented_twice() {
+    let store = MemoryStore::new();
+    let mut dying = worker(&store, 2, 1);
+    let mut survivor = worker(&store, 2, 2);
+    let mut rng = SplitMix64::new(3);
+    let orphans: Vec<Ticket> = (0..3)
+        .map(|_| route(&mut dying, &store, &mut rng).ticket)
+        .collect();
+    let kept = route(&mut survivor, &store, &mut rng).ticket;
+    assert_eq!(totals(&store).iter().sum::<u32>(), 4);
+
+    // The dying VM stops ticking at t=1s. The survivor keeps heartbeating and leads.
+    let first = survivor.housekeeping(&store, 2_000, TTL).unwrap();
+    assert!(first.leader);
+    assert_eq!(first.reaped.slots, 0);
+    let before_expiry = survivor.housekeeping(&store, 1_000 + TTL - 1, TTL).unwrap();
+    assert_eq!(before_expiry.reaped.requests, 0);
+    let after = survivor.housekeeping(&store, 1_000 + TTL, TTL).unwrap();
+    assert_eq!(after.reaped.slots, 1);
+    assert_eq!(after.reaped.requests, 3);
+    assert_eq!(after.loads.as_ref().map(|l| l.iter().sum::<u32>()), Some(1));
+
+    // If the "dead" VM was only stalled, its late releases must not subtract again.
+    for ticket in orphans {
+        assert_eq!(dying.release(&store, ticket), Release::SlotReclaimed);
+    }
+    assert_eq!(totals(&store).iter().sum::<u32>(), 1);
+    assert_eq!(survivor.release(&store, kept), Release::Applied);
+    assert_eq!(totals(&store), vec![0, 0]);
+
+    // The stalled VM notices it lost its slot and takes a new one on its next request.
+    dying.housekeeping(&store, 1_000 + TTL + 1, TTL).unwrap();
+    assert_eq!(dying.take_events().lost_slots, 1);
+    let again = route(&mut dying, &store, &mut rng).ticket;
+    assert_eq!(dying.release(&store, again), Release::Applied);
+    assert_eq!(totals(&store), vec![0, 0]);
+}
+
+#[test]
+fn only_one_vm_leads_while_the_leader_is_alive() {
+    let store = MemoryStore::new();
+    let mut a = worker(&store, 1, 1);
+    let mut b = worker(&store, 1, 2);
+    assert!(a.housekeeping(&store, 1_000, TTL).unwrap().leader);
+    assert!(!b.housekeeping(&store, 1_500, TTL).unwrap().leader);
+    assert!(b.housekeeping(&store, 1_500, TTL).unwrap().loads.is_none());
+    assert!(a.housekeeping(&store, 2_000, TTL).unwrap().leader);
+    // a stops ticking; b takes over once a's lease (renewed at 2s) runs out.
+    assert!(!b.housekeeping(&store, 2_000 + TTL - 1, TTL).unwrap().leader);
+    assert!(b.housekeeping(&store, 2_000 + TTL, TTL).unwrap().leader);
+}
+
+#[test]
+fn a_new_endpoint_list_keeps_the_counts_of_endpoints_that_stay() {
+    let store = MemoryStore::new();
+    let mut old = worker(&store, 3, 1);
+    let mut rng = SplitMix64::new(1);
+    let tickets: Vec<Ticket> = (0..6)
+        .map(|_| route(&mut old, &store, &mut rng).ticket)
+        .collect();
+    assert_eq!(totals(&store), vec![2, 2, 2]);
+
+    // The new config drops 10.0.0.1 and adds 10.0.0.4, in a different order.
+    let next = vec![
+        "10.0.0.4:8000".to_owned(),
+        "10.0.0.3:8000".to_owned(),
+        "10.0.0.2:8000".to_owned(),
+    ];
+    let mut new = PoolTracker::new("pool", next.clone(), 2, 1_000);
+    assert_eq!(new.install(&store).unwrap(), Install::Replaced);
+    assert_eq!(new.membership().endpoints(), &next[..]);
+    assert_eq!(totals(&store), vec![0, 2, 2]);
+
+    // New requests avoid the loaded endpoints and see only the new membership.
+    let fresh = route(&mut new, &store, &mut rng);
+    assert_eq!(fresh.ticket.endpoint_address(), "10.0.0.4:8000");
+
+    // Old requests release by address; those of the removed endpoint find nothing to release.
+    let mut outcomes = Vec::new();
+    for ticket in tickets {
+        outcomes.push(old.release(&store, ticket));
+    }
+    assert_eq!(
+        outcomes.iter().filter(|&&o| o == Release::Applied).count(),
+        4
+    );
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|&&o| o == Release::EndpointRemoved)
+            .count(),
+        2
+    );
+    assert_eq!(
+        old.membership().token(),
+        new.membership().token(),
+        "old worker followed"
+    );
+    assert_eq!(new.release(&store, fresh.ticket), Release::Applied);
+    assert_eq!(totals(&store), vec![0, 0, 0]);
+}
+
+#[test]
+fn a_table_wiped_under_live_requests_never_goes_negative() {
+    let store = MemoryStore::new();
+    let mut t = worker(&store, 2, 1);
+    let mut rng = SplitMix64::new(1);
+    let tickets: Vec<Ticket> = (0..4)
+        .map(|_| route(&mut t, &store, &mut rng).ticket)
+        .collect();
+    // Another worker re-created the table during a config race.
+    let mut other = PoolTracker::new("pool", endpoints(2), 7, 0);
+    other.create(&store).unwrap();
+    assert_eq!(totals(&store), vec![0, 0]);
+    for ticket in tickets {
+        assert_eq!(t.release(&store, ticket), Release::SlotReclaimed);
+    }
+    assert_eq!(totals(&store), vec![0, 0]);
+    // And routing continues on the new table.
+    let ticket = route(&mut t, &store, &mut rng).ticket;
+    assert_eq!(totals(&store).iter().sum::<u32>(), 1);
+    assert_eq!(t.release(&store, ticket), Release::Applied);
+}
+
+#[test]
+fn a_damaged_or_missing_table_is_rebuilt_on_the_request_path() {
+    let store = MemoryStore::new();
+    let mut t = worker(&store, 2, 1);
+    let mut rng = SplitMix64::new(1);
+    store.overwrite("model_lb.v1.pool.table", b"garbage");
+    let routed = route(&mut t, &store, &mut rng);
+    assert_eq!(totals(&store).iter().sum::<u32>(), 1);
+    assert_eq!(t.release(&store, routed.ticket), Release::Applied);
+}
+
+#[test]
+fn a_double_release_is_clamped_and_reported() {
+    let store = MemoryStore::new();
+    let mut t = worker(&store, 1, 1);
+    let mut rng = SplitMix64::new(1);
+    let routed = route(&mut t, &store, &mut rng);
+    assert_eq!(t.release(&store, routed.ticket.clone()), Release::Applied);
+    assert_eq!(t.release(&store, routed.ticket), Release::ClampedAtZero);
+    assert_eq!(totals(&store), vec![0]);
+    assert_eq!(t.take_events().corrections, 1);
+}
+
+/// Many workers on real threads hammer one table through CAS, with extra conflicts injected:
+/// every increment and decrement must land exactly once.
+#[test]
+fn concurrent_workers_lose_no_update() {
+    const WORKERS: usize = 8;
+    const ROUNDS: usize = 300;
+    const HELD: usize = 5;
+    let store = Arc::new(MemoryStore::new());
+    worker(&store, 7, 99);
+    let (held_tx, held_rx) = mpsc::channel::<usize>();
+    let mut go_txs = Vec::new();
+    let handles: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            let store = Arc::clone(&store);
+            let held_tx = held_tx.clone();
+            let (go_tx, go_rx) = mpsc::channel::<()>();
+            go_txs.push(go_tx);
+            std::thread::spawn(move || {
+                let mut t = worker(&store, 7, w as u64 + 1);
+                let mut rng = SplitMix64::new(w as u64);
+                let (mut routed, mut released, mut failed_open) = (0usize, 0usize, 0usize);
+                let mut route_some = |t: &mut PoolTracker, n: usize| -> Vec<Ticket> {
+                    let mut tickets = Vec::new();
+                    for _ in 0..n {
+                        match t.route(
+                            &*store,
+                            Strategy::LeastOutstandingRequests,
+                            1,
+                            &mut rng,
+                            |_| true,
+                        ) {
+                            Ok(r) => tickets.push(r.ticket),
+                            Err(TrackerError::Contention) => failed_open += 1,
+                            Err(e) => panic!("unexpected {e}"),
+                        }
+                    }
+                    tickets
+                };
+                for round in 0..ROUNDS {
+                    if round % 50 == 0 {
+                        store.inject_conflicts(3);
+                    }
+                    let tickets = route_some(&mut t, HELD);
+                    routed += tickets.len();
+                    for ticket in tickets {
+                        assert_eq!(t.release(&*store, ticket), Release::Applied);
+                        released += 1;
+                    }
+                }
+                // Hold some requests while the main thread checks the totals.
+                let held = route_some(&mut t, HELD);
+                routed += held.len();
+                held_tx.send(held.len()).unwrap();
+                go_rx.recv().unwrap();
+                for ticket in held {
+                    assert_eq!(t.release(&*store, ticket), Release::Applied);
+                    released += 1;
+                }
+                assert_eq!(t.pending_releases(), 0);
+                (routed, released, failed_open)
+            })
+        })
+        .collect();
+    drop(held_tx);
+    // A worker that panics drops its sender, so this fails instead of hanging.
+    let held: usize = (0..WORKERS).map(|_| held_rx.recv().unwrap()).sum();
+    assert_eq!(totals(&store).iter().sum::<u32>() as usize, held);
+    for go in go_txs {
+        go.send(()).unwrap();
+    }
+    let (mut routed, mut released, mut failed_open) = (0, 0, 0);
+    for handle in handles {
+        let (r, l, f) = handle.join().unwrap();
+        routed += r;
+        released += l;
+        failed_open += f;
+    }
+    assert_eq!(routed, released);
+    assert_eq!(routed + failed_open, WORKERS * (ROUNDS + 1) * HELD);
+    assert!(
+        failed_open * 100 < routed,
+        "{failed_open} of {routed} failed open"
+    );
+    assert_eq!(totals(&store), vec![0; 7]);
+    assert!(
+        store.conflicts_seen() > 0,
+        "the test must actually exercise CAS conflicts"
+    );
+}
