@@ -11,7 +11,7 @@ SUDO          := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export ENVOY_BIN := $(abspath $(ENVOY))
 
-.PHONY: build sim envoy test unit e2e lint fmt clean wasm-target python-venv
+.PHONY: build sim envoy demo test unit e2e lint fmt clean wasm-target python-venv compose-tool
 
 ## build: the filter, target/wasm32-wasip1/release/model_lb.wasm
 build: wasm-target
@@ -36,15 +36,24 @@ python-venv:
 	@python3 -c 'import venv, ensurepip' 2>/dev/null || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv python3-pip; }
 
+## demo: RANDOM vs LEAST_OUTSTANDING_REQUESTS on simulated model servers, side by side (~1 min)
+demo: build sim envoy
+	demo/run.sh
+
 ## test: lint, native unit tests, and end-to-end tests against a real Envoy
-test: lint build sim envoy
+test: lint build sim envoy compose-tool
 	cargo test --workspace --all-targets
 
 unit:
 	cargo test --workspace --lib --bins
 
-e2e: build sim envoy
+e2e: build sim envoy compose-tool
 	cargo test -p model-lb --test '*'
+
+# Debian's docker-compose (v1) validates the compose demo without a Docker engine.
+compose-tool:
+	@command -v docker-compose >/dev/null || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq docker-compose; }
 
 ## lint: rustfmt and clippy -D warnings, native and wasm32
 lint: wasm-target

@@ -5,6 +5,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod cli;
+pub mod compare;
 pub mod dist;
 pub mod engine;
 pub mod load;
