@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 
 use serde_json::{Map, Value};
 
+use crate::health::PassivePolicy;
 use crate::select::Strategy;
 
 pub const DEFAULT_ENDPOINT_HEADER: &str = "x-gateway-destination-endpoint";
@@ -15,6 +16,11 @@ pub const DEFAULT_CLUSTER: &str = "default";
 pub const DEFAULT_FALLBACK_ENDPOINTS: usize = 2;
 pub const DEFAULT_HOUSEKEEPING_INTERVAL_MS: u64 = 1_000;
 pub const DEFAULT_VM_LEASE_TTL_MS: u64 = 10_000;
+pub const DEFAULT_FAILURE_THRESHOLD: u64 = 3;
+pub const DEFAULT_EJECTION_BASE_MS: u64 = 5_000;
+pub const DEFAULT_EJECTION_MAX_MS: u64 = 300_000;
+pub const DEFAULT_ADMIN_POLL_INTERVAL_MS: u64 = 2_000;
+const MAX_DURATION_MS: u64 = 3_600_000;
 
 /// More endpoints than this is almost certainly a generated config gone wrong, and the shared
 /// table (one read and one write per request) grows with the pool.
@@ -38,6 +44,14 @@ const FIELDS: &[&str] = &[
     "fallback_endpoints",
     "housekeeping_interval_ms",
     "vm_lease_ttl_ms",
+    "passive_health",
+    "failure_threshold",
+    "ejection_base_ms",
+    "ejection_max_ms",
+    "admin_cluster",
+    "admin_poll_interval_ms",
+    "watch_cluster",
+    "follow_membership",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +65,21 @@ pub struct Config {
     pub fallback_endpoints: usize,
     pub housekeeping_interval_ms: u64,
     pub vm_lease_ttl_ms: u64,
+    /// Passive ejection of endpoints that keep failing; `None` when `passive_health` is false.
+    pub passive: Option<PassivePolicy>,
+    /// Polling of Envoy's admin API for health (and membership); `None` without `admin_cluster`.
+    pub admin: Option<AdminPoll>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminPoll {
+    /// The Envoy cluster that points at Envoy's own admin listener.
+    pub admin_cluster: String,
+    pub interval_ms: u64,
+    /// The Envoy cluster whose hosts are the pool, as named in admin `/clusters`.
+    pub watch_cluster: String,
+    /// Take the pool's endpoints from the watched cluster instead of `endpoints`.
+    pub follow_membership: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,7 +162,14 @@ fn from_object(object: &Map<String, Value>) -> Result<Config, ConfigError> {
         }
     };
 
-    let endpoints = endpoints_field(object.get("endpoints"))?;
+    let follow_membership = match object.get("follow_membership") {
+        None => false,
+        Some(value) => bool_field("follow_membership", value)?,
+    };
+    let endpoints = match (object.get("endpoints"), follow_membership) {
+        (None, true) => Vec::new(),
+        (value, _) => endpoints_field(value)?,
+    };
 
     let endpoint_header = match object.get("endpoint_header") {
         None => DEFAULT_ENDPOINT_HEADER.to_owned(),
@@ -183,6 +219,80 @@ fn from_object(object: &Map<String, Value>) -> Result<Config, ConfigError> {
         }
     };
 
+    let passive_health = match object.get("passive_health") {
+        None => true,
+        Some(value) => bool_field("passive_health", value)?,
+    };
+    let failure_threshold = match object.get("failure_threshold") {
+        None => DEFAULT_FAILURE_THRESHOLD,
+        Some(value) => integer_field("failure_threshold", value, 1, 1_000)?,
+    };
+    let base_ejection_ms = match object.get("ejection_base_ms") {
+        None => DEFAULT_EJECTION_BASE_MS,
+        Some(value) => integer_field("ejection_base_ms", value, 100, MAX_DURATION_MS)?,
+    };
+    let max_ejection_ms = match object.get("ejection_max_ms") {
+        None => DEFAULT_EJECTION_MAX_MS.max(base_ejection_ms),
+        // At least the base: the range in the error message says so.
+        Some(value) => integer_field("ejection_max_ms", value, base_ejection_ms, MAX_DURATION_MS)?,
+    };
+    let passive = passive_health.then_some(PassivePolicy {
+        failure_threshold: failure_threshold as u16,
+        base_ejection_ms,
+        max_ejection_ms,
+    });
+
+    let admin = match object.get("admin_cluster") {
+        None => {
+            for dependent in ["admin_poll_interval_ms", "watch_cluster"] {
+                if object.contains_key(dependent) {
+                    return Err(ConfigError::field(
+                        dependent,
+                        "has no effect without \"admin_cluster\"; set admin_cluster to the Envoy \
+                         cluster that points at Envoy's admin listener",
+                    ));
+                }
+            }
+            if follow_membership {
+                return Err(ConfigError::field(
+                    "follow_membership",
+                    "needs \"admin_cluster\" (the pool's members are read from Envoy's admin API)",
+                ));
+            }
+            None
+        }
+        Some(value) => {
+            let admin_cluster = envoy_cluster_field("admin_cluster", value)?;
+            let interval_ms = match object.get("admin_poll_interval_ms") {
+                None => DEFAULT_ADMIN_POLL_INTERVAL_MS.max(housekeeping_interval_ms),
+                Some(value) => {
+                    let interval =
+                        integer_field("admin_poll_interval_ms", value, 100, MAX_DURATION_MS)?;
+                    if interval < housekeeping_interval_ms {
+                        return Err(ConfigError::field(
+                            "admin_poll_interval_ms",
+                            format!(
+                                "{interval} is shorter than housekeeping_interval_ms \
+                                 ({housekeeping_interval_ms}); polls run on the housekeeping tick"
+                            ),
+                        ));
+                    }
+                    interval
+                }
+            };
+            let watch_cluster = match object.get("watch_cluster") {
+                None => cluster.clone(),
+                Some(value) => envoy_cluster_field("watch_cluster", value)?,
+            };
+            Some(AdminPoll {
+                admin_cluster,
+                interval_ms,
+                watch_cluster,
+                follow_membership,
+            })
+        }
+    };
+
     Ok(Config {
         strategy,
         endpoints,
@@ -191,6 +301,8 @@ fn from_object(object: &Map<String, Value>) -> Result<Config, ConfigError> {
         fallback_endpoints,
         housekeeping_interval_ms,
         vm_lease_ttl_ms,
+        passive,
+        admin,
     })
 }
 
@@ -315,6 +427,31 @@ fn cluster_field(field: &str, value: &Value) -> Result<String, ConfigError> {
     Ok(name.to_owned())
 }
 
+/// Envoy cluster names are free-form (Istio's contain `|`); only control characters and sheer
+/// length are refused.
+fn envoy_cluster_field(field: &str, value: &Value) -> Result<String, ConfigError> {
+    let name = string_field(field, value)?;
+    if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
+        return Err(ConfigError::field(
+            field,
+            format!(
+                "\"{}\" is not a usable Envoy cluster name (1-256 printable characters)",
+                truncate(name, 80)
+            ),
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+fn bool_field(field: &str, value: &Value) -> Result<bool, ConfigError> {
+    value.as_bool().ok_or_else(|| {
+        ConfigError::field(
+            field,
+            format!("expected true or false, got {}", type_name(value)),
+        )
+    })
+}
+
 fn string_field<'a>(field: &str, value: &'a Value) -> Result<&'a str, ConfigError> {
     value.as_str().ok_or_else(|| {
         ConfigError::field(
@@ -381,6 +518,50 @@ mod tests {
         assert_eq!(config.fallback_endpoints, 2);
         assert_eq!(config.housekeeping_interval_ms, 1_000);
         assert_eq!(config.vm_lease_ttl_ms, 10_000);
+        assert_eq!(
+            config.passive,
+            Some(PassivePolicy {
+                failure_threshold: 3,
+                base_ejection_ms: 5_000,
+                max_ejection_ms: 300_000
+            })
+        );
+        assert_eq!(config.admin, None);
+    }
+
+    #[test]
+    fn health_and_admin_polling_can_be_configured() {
+        let config = parse_str(
+            r#"{"cluster": "pool", "follow_membership": true, "admin_cluster": "admin",
+                "watch_cluster": "outbound|8000||vllm.ns.svc.cluster.local",
+                "admin_poll_interval_ms": 1500, "passive_health": true,
+                "failure_threshold": 5, "ejection_base_ms": 1000, "ejection_max_ms": 1000}"#,
+        )
+        .unwrap();
+        assert!(
+            config.endpoints.is_empty(),
+            "members come from the admin API"
+        );
+        assert_eq!(
+            config.admin,
+            Some(AdminPoll {
+                admin_cluster: "admin".into(),
+                interval_ms: 1_500,
+                watch_cluster: "outbound|8000||vllm.ns.svc.cluster.local".into(),
+                follow_membership: true,
+            })
+        );
+        assert_eq!(config.passive.unwrap().failure_threshold, 5);
+        let config =
+            parse_str(r#"{"endpoints": ["1.1.1.1:1"], "cluster": "c", "admin_cluster": "a", "passive_health": false}"#)
+                .unwrap();
+        assert_eq!(config.passive, None);
+        let admin = config.admin.unwrap();
+        assert_eq!(
+            (admin.watch_cluster.as_str(), admin.interval_ms),
+            ("c", 2_000)
+        );
+        assert!(!admin.follow_membership);
     }
 
     #[test]

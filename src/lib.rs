@@ -5,7 +5,9 @@
 //! shared outstanding-request table and the tracker that updates it through [`store::SharedStore`].
 //! `glue` is the only module that talks to proxy-wasm, and it only exists in the wasm build.
 
+pub mod admin;
 pub mod config;
+pub mod health;
 pub mod membership;
 pub mod rng;
 pub mod select;

@@ -18,11 +18,13 @@
 //! 24  leader expiry    u64   ms since the epoch
 //! 32  slots            slot count × (owner u64, heartbeat ms u64); owner 0 = free
 //! ..  totals           endpoint count × u32
+//! ..  health           endpoint count × 16 bytes (see `health::Health`)
 //! ..  rows             slot count × endpoint count × u32
 //! ```
 
 use std::fmt;
 
+use crate::health::{Health, HEALTH_LEN};
 use crate::select::Loads;
 
 const MAGIC: &[u8; 4] = b"MLB1";
@@ -77,7 +79,7 @@ pub struct Table {
 
 impl Table {
     pub fn new(membership_token: u64, endpoints: usize) -> Self {
-        let mut bytes = vec![0u8; HEADER_LEN + endpoints * COUNT_LEN];
+        let mut bytes = vec![0u8; Self::size(endpoints, 0)];
         bytes[..4].copy_from_slice(MAGIC);
         bytes[4..6].copy_from_slice(&(endpoints as u16).to_le_bytes());
         bytes[8..16].copy_from_slice(&membership_token.to_le_bytes());
@@ -108,7 +110,7 @@ impl Table {
     }
 
     fn size(endpoints: usize, slots: usize) -> usize {
-        HEADER_LEN + slots * SLOT_LEN + endpoints * COUNT_LEN * (1 + slots)
+        HEADER_LEN + slots * SLOT_LEN + endpoints * (COUNT_LEN * (1 + slots) + HEALTH_LEN)
     }
 
     pub fn as_bytes(&self) -> &[u8] {
@@ -146,6 +148,22 @@ impl Table {
 
     pub fn in_flight(&self) -> u64 {
         (0..self.endpoints).map(|e| u64::from(self.total(e))).sum()
+    }
+
+    pub fn health(&self, endpoint: usize) -> Health {
+        let at = self.health_offset(endpoint);
+        Health::decode(&self.bytes[at..at + HEALTH_LEN])
+    }
+
+    /// `Health::eligible` without decoding the whole record: this runs per endpoint per request.
+    pub fn eligible(&self, endpoint: usize, now_ms: u64) -> bool {
+        let at = self.health_offset(endpoint);
+        self.bytes[at] == 0 && self.read_u64(at + 8) <= now_ms
+    }
+
+    pub fn set_health(&mut self, endpoint: usize, health: &Health) {
+        let at = self.health_offset(endpoint);
+        health.encode(&mut self.bytes[at..at + HEALTH_LEN]);
     }
 
     pub fn slot_owner(&self, slot: usize) -> u64 {
@@ -271,6 +289,7 @@ impl Table {
             }
             let total = next.totals_offset() + new * COUNT_LEN;
             next.write_u32(total, self.total(old));
+            next.set_health(new, &self.health(old));
             for slot in 0..self.slots {
                 let row = next.row_offset(slot, new);
                 next.write_u32(row, self.row_count(slot, old));
@@ -283,8 +302,15 @@ impl Table {
         HEADER_LEN + self.slots * SLOT_LEN
     }
 
+    fn health_offset(&self, endpoint: usize) -> usize {
+        self.totals_offset() + self.endpoints * COUNT_LEN + endpoint * HEALTH_LEN
+    }
+
     fn row_offset(&self, slot: usize, endpoint: usize) -> usize {
-        self.totals_offset() + (1 + slot) * self.endpoints * COUNT_LEN + endpoint * COUNT_LEN
+        self.totals_offset()
+            + self.endpoints * (COUNT_LEN + HEALTH_LEN)
+            + slot * self.endpoints * COUNT_LEN
+            + endpoint * COUNT_LEN
     }
 
     fn read_u32(&self, at: usize) -> u32 {
@@ -452,5 +478,24 @@ mod tests {
         assert_eq!(next.slot_owner(s), 5);
         assert_eq!(next.slot_heartbeat(s), 100);
         assert_eq!(next.leader(), (77, 999));
+    }
+
+    #[test]
+    fn health_lives_beside_the_counts_and_moves_with_its_endpoint() {
+        let mut table = Table::new(1, 2);
+        let s = table.claim_slot(5, 0).unwrap();
+        let sick = Health {
+            active_unhealthy: true,
+            failures: 2,
+            ..Health::default()
+        };
+        table.set_health(1, &sick);
+        table.increment(s, 1);
+        let table = reparse(&table);
+        assert_eq!(table.health(1), sick);
+        assert_eq!(table.health(0), Health::default());
+        assert_eq!(table.total(1), 1);
+        let next = table.remapped(2, 1, &[None, Some(0)]);
+        assert_eq!(reparse(&next).health(0), sick);
     }
 }

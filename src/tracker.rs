@@ -5,6 +5,9 @@
 use std::fmt;
 use std::rc::Rc;
 
+use crate::admin::HostStatus;
+use crate::config::MAX_ENDPOINTS;
+use crate::health::{Change, Outcome, PassivePolicy};
 use crate::membership::{MalformedMembership, Membership};
 use crate::rng::{RandomSource, SplitMix64};
 use crate::select::{select, Selection, Strategy};
@@ -131,6 +134,8 @@ pub struct Housekeeping {
     pub reaped: Reaped,
     /// Per-endpoint totals, published by the leader only so gauges have one writer.
     pub loads: Option<Vec<u32>>,
+    /// Per-endpoint routability (healthy and not ejected), also for the leader's gauges.
+    pub eligible: Option<Vec<bool>>,
 }
 
 /// Things that happened since the last [`PoolTracker::take_events`], for stats.
@@ -145,6 +150,41 @@ pub struct Events {
     pub dropped_releases: u64,
     pub stale_releases: u64,
     pub membership_changes: u64,
+    /// Endpoints this VM ejected (passive health), for the log and the stats.
+    pub ejections: Vec<Ejection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ejection {
+    pub address: String,
+    pub for_ms: u64,
+    pub failures: u16,
+}
+
+/// What applying Envoy's view of the cluster changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ClusterUpdate {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Endpoints whose Envoy-reported health flipped: (address, now healthy).
+    pub health: Vec<(String, bool)>,
+    /// Configured endpoints that the watched cluster does not have (never routed to).
+    pub missing: Vec<String>,
+}
+
+impl ClusterUpdate {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.health.is_empty()
+    }
+}
+
+/// Where the pool's endpoint list comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MembershipSource {
+    /// The plugin configuration's `endpoints`: installing a config sets the membership.
+    Configured,
+    /// Envoy's cluster, via the admin API: a config only seeds an empty pool.
+    Followed,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -157,11 +197,13 @@ pub struct PoolTracker {
     key_prefix: String,
     table_key: String,
     configured: Vec<String>,
+    source: MembershipSource,
+    passive: Option<PassivePolicy>,
     membership: Rc<Membership>,
     claim: Option<Claim>,
     leader_id: u64,
     now_ms: u64,
-    pending: Vec<Ticket>,
+    pending: Vec<(Ticket, Outcome)>,
     ids: SplitMix64,
     events: Events,
 }
@@ -170,6 +212,24 @@ impl PoolTracker {
     /// `cluster` names the shared keys: every filter naming the same cluster shares its counts.
     /// `seed` must differ between VMs (owner tokens are drawn from it).
     pub fn new(cluster: &str, endpoints: Vec<String>, seed: u64, now_ms: u64) -> Self {
+        Self::with_health(
+            cluster,
+            endpoints,
+            MembershipSource::Configured,
+            None,
+            seed,
+            now_ms,
+        )
+    }
+
+    pub fn with_health(
+        cluster: &str,
+        endpoints: Vec<String>,
+        source: MembershipSource,
+        passive: Option<PassivePolicy>,
+        seed: u64,
+        now_ms: u64,
+    ) -> Self {
         let key_prefix = format!("model_lb.v1.{cluster}.");
         let mut ids = SplitMix64::new(seed);
         let leader_id = nonzero(&mut ids);
@@ -178,6 +238,8 @@ impl PoolTracker {
             key_prefix,
             membership: Rc::new(Membership::new(0, endpoints.clone())),
             configured: endpoints,
+            source,
+            passive,
             claim: None,
             leader_id,
             now_ms,
@@ -231,7 +293,9 @@ impl PoolTracker {
                 self.create(store)?;
                 return Ok(Install::Created);
             }
-            if current.has_same_endpoints(&self.configured) {
+            if self.source == MembershipSource::Followed
+                || current.has_same_endpoints(&self.configured)
+            {
                 self.adopt(current);
                 return Ok(Install::Adopted);
             }
@@ -323,18 +387,18 @@ impl PoolTracker {
     }
 
     /// Picks endpoints for a request and counts it on the chosen one, atomically.
-    pub fn route<S, R, E>(
+    /// Endpoints that are unhealthy or ejected are skipped; with none left, the request is not
+    /// counted and the caller fails open.
+    pub fn route<S, R>(
         &mut self,
         store: &S,
         strategy: Strategy,
         fallbacks: usize,
         rng: &mut R,
-        eligible: E,
     ) -> Result<Routed, TrackerError>
     where
         S: SharedStore,
         R: RandomSource,
-        E: Fn(usize) -> bool,
     {
         for attempt in 0..ROUTE_ATTEMPTS {
             let (mut table, cas) = self.read(store)?;
@@ -346,7 +410,14 @@ impl PoolTracker {
                     Claim { slot, owner }
                 }
             };
-            let selection = select(strategy, &table, &eligible, fallbacks, rng);
+            let now_ms = self.now_ms;
+            let selection = select(
+                strategy,
+                &table,
+                |e| table.eligible(e, now_ms),
+                fallbacks,
+                rng,
+            );
             let Some(chosen) = selection.chosen() else {
                 return Err(TrackerError::NoEligibleEndpoint);
             };
@@ -386,16 +457,22 @@ impl PoolTracker {
         }
     }
 
-    /// Ends a request's count. Never loses it: what cannot be written now is retried later.
-    pub fn release<S: SharedStore>(&mut self, store: &S, ticket: Ticket) -> Release {
-        match self.try_release(store, &ticket) {
-            Ok(outcome) => {
-                self.count_release(outcome);
-                outcome
+    /// Ends a request's count and folds its outcome into the endpoint's passive health. Never
+    /// loses the decrement: what cannot be written now is retried on the next tick.
+    pub fn release<S: SharedStore>(
+        &mut self,
+        store: &S,
+        ticket: Ticket,
+        outcome: Outcome,
+    ) -> Release {
+        match self.try_release(store, &ticket, outcome) {
+            Ok(result) => {
+                self.count_release(result);
+                result
             }
             Err(_) => {
                 self.events.deferred_releases += 1;
-                self.defer(ticket);
+                self.defer(ticket, outcome);
                 Release::Deferred
             }
         }
@@ -410,18 +487,19 @@ impl PoolTracker {
         }
     }
 
-    fn defer(&mut self, ticket: Ticket) {
+    fn defer(&mut self, ticket: Ticket, outcome: Outcome) {
         if self.pending.len() >= MAX_PENDING_RELEASES {
             self.pending.remove(0);
             self.events.dropped_releases += 1;
         }
-        self.pending.push(ticket);
+        self.pending.push((ticket, outcome));
     }
 
     fn try_release<S: SharedStore>(
         &mut self,
         store: &S,
         ticket: &Ticket,
+        outcome: Outcome,
     ) -> Result<Release, TrackerError> {
         for attempt in 0..RELEASE_ATTEMPTS {
             let Some((bytes, cas)) = store.get(&self.table_key)? else {
@@ -430,41 +508,143 @@ impl PoolTracker {
             let Ok(mut table) = Table::parse(bytes) else {
                 return Ok(Release::SlotReclaimed);
             };
-            if table.slot_owner(usize::from(ticket.slot)) != ticket.owner {
-                return Ok(Release::SlotReclaimed);
-            }
-            let endpoint = if table.membership_token() == ticket.membership.token() {
-                if table.endpoint_count() != ticket.membership.len() {
-                    return Err(
-                        TableError::Malformed("column count differs from its membership").into(),
-                    );
-                }
-                usize::from(ticket.endpoint)
-            } else {
-                let current = self.load_membership(store, table.membership_token())?;
-                let found = current.position(ticket.endpoint_address());
-                let columns_agree = table.endpoint_count() == current.len();
-                self.adopt(current);
-                match found {
-                    Some(endpoint) if columns_agree => endpoint,
-                    Some(_) => {
-                        return Err(TableError::Malformed(
-                            "column count differs from its membership",
-                        )
-                        .into())
-                    }
-                    None => return Ok(Release::EndpointRemoved),
-                }
+            let Some(endpoint) = self.locate(store, &table, ticket)? else {
+                return Ok(Release::EndpointRemoved);
             };
-            let outcome = table.decrement(usize::from(ticket.slot), endpoint);
+            // The decrement needs the slot the request was counted under; the health verdict
+            // is news about the endpoint whoever counted it.
+            let result = if table.slot_owner(usize::from(ticket.slot)) == ticket.owner {
+                match table.decrement(usize::from(ticket.slot), endpoint) {
+                    Decrement::Applied => Release::Applied,
+                    Decrement::ClampedAtZero => Release::ClampedAtZero,
+                }
+            } else {
+                Release::SlotReclaimed
+            };
+            let mut change = Change::None;
+            let before = table.health(endpoint);
+            let mut health = before;
+            if let Some(policy) = &self.passive {
+                change = health.record(outcome, policy, self.now_ms);
+                table.set_health(endpoint, &health);
+            }
+            if result == Release::SlotReclaimed && health == before {
+                return Ok(result);
+            }
             match store.set(&self.table_key, table.as_bytes(), cas) {
                 Ok(()) => {
-                    return Ok(match outcome {
-                        Decrement::Applied => Release::Applied,
-                        Decrement::ClampedAtZero => Release::ClampedAtZero,
-                    })
+                    if let Change::Ejected { for_ms, failures } = change {
+                        self.events.ejections.push(Ejection {
+                            address: ticket.endpoint_address().to_owned(),
+                            for_ms,
+                            failures,
+                        });
+                    }
+                    return Ok(result);
                 }
                 Err(StoreError::CasMismatch) => self.lost_race(attempt),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(TrackerError::Contention)
+    }
+
+    /// The table column of the ticket's endpoint, following membership changes by address.
+    fn locate<S: SharedStore>(
+        &mut self,
+        store: &S,
+        table: &Table,
+        ticket: &Ticket,
+    ) -> Result<Option<usize>, TrackerError> {
+        let current = if table.membership_token() == ticket.membership.token() {
+            Rc::clone(&ticket.membership)
+        } else {
+            let current = self.load_membership(store, table.membership_token())?;
+            self.adopt(Rc::clone(&current));
+            current
+        };
+        if table.endpoint_count() != current.len() {
+            return Err(TableError::Malformed("column count differs from its membership").into());
+        }
+        Ok(current.position(ticket.endpoint_address()))
+    }
+
+    /// Applies Envoy's view of the watched cluster (from the admin API): marks endpoints Envoy
+    /// considers unhealthy, or that the cluster does not have, as not routable, and with
+    /// [`MembershipSource::Followed`] makes the pool's membership the cluster's.
+    pub fn apply_cluster<S: SharedStore>(
+        &mut self,
+        store: &S,
+        hosts: &[HostStatus],
+    ) -> Result<ClusterUpdate, TrackerError> {
+        let mut wanted: Vec<String> = Vec::with_capacity(hosts.len());
+        for host in hosts {
+            if !wanted.contains(&host.address) && wanted.len() < MAX_ENDPOINTS {
+                wanted.push(host.address.clone());
+            }
+        }
+        let mut next: Option<Membership> = None;
+        for attempt in 0..ROUTE_ATTEMPTS {
+            let (mut table, cas) = self.read(store)?;
+            let current = Rc::clone(&self.membership);
+            let mut update = ClusterUpdate::default();
+            // A membership written for an earlier attempt is reused, not written again.
+            let mut fresh: Option<Membership> = None;
+            if self.source == MembershipSource::Followed && !current.has_same_endpoints(&wanted) {
+                let membership = match next.take() {
+                    Some(m) => m,
+                    None => self.write_membership(store, wanted.clone())?,
+                };
+                update.added = wanted
+                    .iter()
+                    .filter(|e| current.position(e).is_none())
+                    .cloned()
+                    .collect();
+                update.removed = current
+                    .endpoints()
+                    .iter()
+                    .filter(|e| membership.position(e).is_none())
+                    .cloned()
+                    .collect();
+                table = table.remapped(
+                    membership.token(),
+                    membership.len(),
+                    &membership.mapping_from(&current),
+                );
+                fresh = Some(membership);
+            }
+            let endpoints: Vec<String> = match &fresh {
+                Some(m) => m.endpoints().to_vec(),
+                None => current.endpoints().to_vec(),
+            };
+            for (e, address) in endpoints.iter().enumerate() {
+                let reported = hosts.iter().find(|h| &h.address == address);
+                if reported.is_none() {
+                    update.missing.push(address.clone());
+                }
+                let healthy = reported.is_some_and(|h| h.healthy);
+                let mut health = table.health(e);
+                if health.active_unhealthy == healthy {
+                    health.active_unhealthy = !healthy;
+                    table.set_health(e, &health);
+                    update.health.push((address.clone(), healthy));
+                }
+            }
+            if update.is_empty() {
+                return Ok(update);
+            }
+            match store.set(&self.table_key, table.as_bytes(), cas) {
+                Ok(()) => {
+                    if let Some(membership) = fresh {
+                        self.configured = membership.endpoints().to_vec();
+                        self.adopt(Rc::new(membership));
+                    }
+                    return Ok(update);
+                }
+                Err(StoreError::CasMismatch) => {
+                    next = fresh;
+                    self.lost_race(attempt);
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -481,10 +661,10 @@ impl PoolTracker {
         lease_ttl_ms: u64,
     ) -> Result<Housekeeping, TrackerError> {
         self.now_ms = now_ms;
-        for ticket in std::mem::take(&mut self.pending) {
-            match self.try_release(store, &ticket) {
-                Ok(outcome) => self.count_release(outcome),
-                Err(_) => self.defer(ticket),
+        for (ticket, outcome) in std::mem::take(&mut self.pending) {
+            match self.try_release(store, &ticket, outcome) {
+                Ok(result) => self.count_release(result),
+                Err(_) => self.defer(ticket, outcome),
             }
         }
         for _ in 0..HOUSEKEEPING_ATTEMPTS {
@@ -524,6 +704,11 @@ impl PoolTracker {
                 leader: lead,
                 reaped,
                 loads: lead.then(|| table.totals()),
+                eligible: lead.then(|| {
+                    (0..table.endpoint_count())
+                        .map(|e| table.eligible(e, now_ms))
+                        .collect()
+                }),
             });
         }
         Err(TrackerError::Contention)

@@ -11,7 +11,10 @@ const NOT_FOUND: u32 = 1;
 const CAS_MISMATCH: u32 = 8;
 
 const MAP_HTTP_REQUEST_HEADERS: u32 = 0;
+const MAP_HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
+const BUFFER_HTTP_CALL_RESPONSE_BODY: u32 = 4;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
+const EMPTY: u32 = 7;
 pub const METRIC_COUNTER: u32 = 0;
 pub const METRIC_GAUGE: u32 = 1;
 
@@ -39,6 +42,19 @@ extern "C" {
         value_size: usize,
     ) -> u32;
     fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
+    fn proxy_get_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_property(
+        path_data: *const u8,
+        path_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
     fn proxy_get_buffer_bytes(
         buffer_type: u32,
         start: usize,
@@ -124,23 +140,63 @@ pub fn remove_request_header(name: &str) -> Result<(), u32> {
     })
 }
 
+fn buffer(buffer_type: u32, max_size: usize) -> Result<Option<Vec<u8>>, u32> {
+    let mut data: *mut u8 = null_mut();
+    let mut size = 0usize;
+    let code = unsafe { proxy_get_buffer_bytes(buffer_type, 0, max_size, &mut data, &mut size) };
+    match code {
+        OK => Ok(unsafe { take_host_buffer(data, size) }),
+        NOT_FOUND | EMPTY => Ok(None),
+        other => Err(other),
+    }
+}
+
 pub fn plugin_configuration() -> Result<Option<Vec<u8>>, u32> {
+    buffer(BUFFER_PLUGIN_CONFIGURATION, usize::MAX)
+}
+
+pub fn http_call_response_body(size: usize) -> Option<Vec<u8>> {
+    buffer(BUFFER_HTTP_CALL_RESPONSE_BODY, size).ok().flatten()
+}
+
+/// The `:status` of the answer to a `dispatch_http_call`, if there was an answer at all.
+pub fn http_call_response_status() -> Option<u16> {
+    let name = ":status";
     let mut data: *mut u8 = null_mut();
     let mut size = 0usize;
     let code = unsafe {
-        proxy_get_buffer_bytes(
-            BUFFER_PLUGIN_CONFIGURATION,
-            0,
-            usize::MAX,
+        proxy_get_header_map_value(
+            MAP_HTTP_CALL_RESPONSE_HEADERS,
+            name.as_ptr(),
+            name.len(),
             &mut data,
             &mut size,
         )
     };
-    match code {
-        OK => Ok(unsafe { take_host_buffer(data, size) }),
-        NOT_FOUND | 7 /* Empty */ => Ok(None),
-        other => Err(other),
+    if code != OK {
+        return None;
     }
+    let value = unsafe { take_host_buffer(data, size) }?;
+    std::str::from_utf8(&value).ok()?.parse().ok()
+}
+
+/// A stream property such as `upstream.address`; `path` is the dotted name's segments.
+pub fn property(path: &[&str]) -> Option<Vec<u8>> {
+    let mut serialized = Vec::with_capacity(path.iter().map(|p| p.len() + 1).sum());
+    for (i, segment) in path.iter().enumerate() {
+        if i > 0 {
+            serialized.push(0);
+        }
+        serialized.extend_from_slice(segment.as_bytes());
+    }
+    let mut data: *mut u8 = null_mut();
+    let mut size = 0usize;
+    let code =
+        unsafe { proxy_get_property(serialized.as_ptr(), serialized.len(), &mut data, &mut size) };
+    if code != OK {
+        return None;
+    }
+    unsafe { take_host_buffer(data, size) }
 }
 
 /// Wall-clock milliseconds since the Unix epoch, as Envoy's time source sees it. Every VM of one

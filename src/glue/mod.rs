@@ -8,13 +8,16 @@ use std::cell::RefCell;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
+use std::time::Duration;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 
+use crate::admin;
 use crate::config::{self, Config};
+use crate::health::Outcome;
 use crate::rng::SplitMix64;
-use crate::tracker::{Install, PoolTracker, Ticket};
+use crate::tracker::{ClusterUpdate, Install, MembershipSource, PoolTracker, Ticket};
 use host::HostStore;
 use stats::{FailOpen, Stats};
 
@@ -27,9 +30,40 @@ proxy_wasm::main! {{
 #[derive(Default)]
 struct Root {
     filter: Option<Rc<Filter>>,
+    poll: AdminPollState,
 }
 
-impl Context for Root {}
+/// One admin poll at a time, from whichever VM holds the leader lease.
+#[derive(Default)]
+struct AdminPollState {
+    in_flight: Option<u32>,
+    next_due_ms: u64,
+    failing: bool,
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        if self.poll.in_flight != Some(token_id) {
+            return;
+        }
+        self.poll.in_flight = None;
+        let Some(filter) = &self.filter else { return };
+        let result = match host::http_call_response_status() {
+            Some(200) => host::http_call_response_body(body_size)
+                .ok_or_else(|| "empty answer".to_owned())
+                .and_then(|body| filter.apply_admin_answer(&body)),
+            Some(status) => Err(format!("HTTP status {status}")),
+            None => Err("no answer (timeout or connection failure)".to_owned()),
+        };
+        filter.admin_poll_result(&mut self.poll, result);
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
@@ -46,8 +80,32 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        if let Some(filter) = &self.filter {
-            filter.housekeeping();
+        let Some(filter) = self.filter.clone() else {
+            return;
+        };
+        let Some(now_ms) = host::now_ms() else { return };
+        let leader = filter.housekeeping(now_ms);
+        if let (true, Some(admin)) = (leader, &filter.config.admin) {
+            if self.poll.in_flight.is_none() && now_ms >= self.poll.next_due_ms {
+                self.poll.next_due_ms = now_ms.saturating_add(admin.interval_ms);
+                let timeout = Duration::from_millis(admin.interval_ms.min(5_000));
+                let headers = vec![
+                    (":method", "GET"),
+                    (":path", "/clusters?format=json"),
+                    (":authority", "model-lb-admin-poll"),
+                ];
+                match self.dispatch_http_call(&admin.admin_cluster, headers, None, vec![], timeout)
+                {
+                    Ok(token) => self.poll.in_flight = Some(token),
+                    Err(status) => filter.admin_poll_result(
+                        &mut self.poll,
+                        Err(format!(
+                            "cannot call cluster \"{}\" ({status:?}); is it defined?",
+                            admin.admin_cluster
+                        )),
+                    ),
+                }
+            }
         }
     }
 
@@ -77,7 +135,18 @@ impl Filter {
         let config = config::parse(bytes.as_deref()).map_err(|e| e.to_string())?;
         let now_ms = host::now_ms().unwrap_or(0);
         let seed = vm_seed(now_ms);
-        let mut tracker = PoolTracker::new(&config.cluster, config.endpoints.clone(), seed, now_ms);
+        let source = match &config.admin {
+            Some(admin) if admin.follow_membership => MembershipSource::Followed,
+            _ => MembershipSource::Configured,
+        };
+        let mut tracker = PoolTracker::with_health(
+            &config.cluster,
+            config.endpoints.clone(),
+            source,
+            config.passive,
+            seed,
+            now_ms,
+        );
         let install = tracker.install(&HostStore).map_err(|e| {
             format!(
                 "cannot set up the shared outstanding-request table \"{}\": {e}",
@@ -127,14 +196,13 @@ impl Filter {
             self.config.strategy,
             self.config.fallback_endpoints,
             &mut *rng,
-            |_| true,
         );
         match routed {
             Ok(routed) => {
                 let value = routed.membership.header_value(&routed.selection);
                 if host::set_request_header(&self.config.endpoint_header, &value).is_err() {
                     // A request we could not steer must not count against the endpoint.
-                    tracker.release(&HostStore, routed.ticket);
+                    tracker.release(&HostStore, routed.ticket, Outcome::Neutral);
                     self.fail_open(Some(&mut stats), FailOpen::HeaderWrite);
                     return None;
                 }
@@ -155,10 +223,10 @@ impl Filter {
         }
     }
 
-    fn release(&self, ticket: Ticket) {
+    fn release(&self, ticket: Ticket, outcome: Outcome) {
         match self.tracker.try_borrow_mut() {
             Ok(mut tracker) => {
-                tracker.release(&HostStore, ticket);
+                tracker.release(&HostStore, ticket, outcome);
             }
             // Unreachable in a single-threaded VM; were it not, leaking the count would be
             // worse than anything else, so say so loudly.
@@ -169,19 +237,19 @@ impl Filter {
         }
     }
 
-    fn housekeeping(&self) {
-        let Some(now_ms) = host::now_ms() else {
-            return;
-        };
+    /// Runs the tick's upkeep; returns whether this VM holds the leader lease.
+    fn housekeeping(&self, now_ms: u64) -> bool {
         let (Ok(mut tracker), Ok(mut stats)) =
             (self.tracker.try_borrow_mut(), self.stats.try_borrow_mut())
         else {
-            return;
+            return false;
         };
         let result = tracker.housekeeping(&HostStore, now_ms, self.config.vm_lease_ttl_ms);
         let events = tracker.take_events();
+        let mut leader = false;
         match result {
             Ok(report) => {
+                leader = report.leader;
                 if report.reaped.slots > 0 {
                     log::warn!(
                         "model-lb: cluster \"{}\": reclaimed {} in-flight requests from {} worker \
@@ -192,8 +260,8 @@ impl Filter {
                         self.config.vm_lease_ttl_ms
                     );
                 }
-                if let Some(loads) = report.loads {
-                    stats.publish_loads(tracker.membership(), &loads);
+                if let (Some(loads), Some(eligible)) = (report.loads, report.eligible) {
+                    stats.publish_loads(tracker.membership(), &loads, &eligible);
                 }
             }
             Err(e) => log::warn!(
@@ -201,7 +269,77 @@ impl Filter {
                 self.config.cluster
             ),
         }
+        for ejection in &events.ejections {
+            log::warn!(
+                "model-lb: cluster \"{}\": ejecting {} for {} ms after {} consecutive failures",
+                self.config.cluster,
+                ejection.address,
+                ejection.for_ms,
+                ejection.failures
+            );
+        }
         stats.flush(&events, &self.config.cluster, tracker.pending_releases());
+        leader
+    }
+
+    fn apply_admin_answer(&self, body: &[u8]) -> Result<ClusterUpdate, String> {
+        let Some(admin) = &self.config.admin else {
+            return Ok(ClusterUpdate::default());
+        };
+        let hosts = admin::cluster_hosts(body, &admin.watch_cluster).map_err(|e| e.to_string())?;
+        let mut tracker = self
+            .tracker
+            .try_borrow_mut()
+            .map_err(|_| "tracker busy".to_owned())?;
+        tracker
+            .apply_cluster(&HostStore, &hosts)
+            .map_err(|e| e.to_string())
+    }
+
+    fn admin_poll_result(&self, poll: &mut AdminPollState, result: Result<ClusterUpdate, String>) {
+        let cluster = &self.config.cluster;
+        if let Ok(mut stats) = self.stats.try_borrow_mut() {
+            stats.admin_poll(result.is_ok());
+        }
+        match result {
+            Ok(update) => {
+                if poll.failing {
+                    log::info!("model-lb: cluster \"{cluster}\": admin polling works again");
+                    poll.failing = false;
+                }
+                if !update.added.is_empty() || !update.removed.is_empty() {
+                    log::info!(
+                        "model-lb: cluster \"{cluster}\": membership follows Envoy: added [{}], removed [{}]",
+                        update.added.join(", "),
+                        update.removed.join(", ")
+                    );
+                }
+                for (address, healthy) in &update.health {
+                    if *healthy {
+                        log::info!("model-lb: cluster \"{cluster}\": {address} is healthy again; routing to it");
+                    } else if update.missing.contains(address) {
+                        log::warn!(
+                            "model-lb: cluster \"{cluster}\": {address} is not a host of the watched \
+                             Envoy cluster; not routing to it"
+                        );
+                    } else {
+                        log::warn!(
+                            "model-lb: cluster \"{cluster}\": Envoy reports {address} unhealthy; not routing to it"
+                        );
+                    }
+                }
+            }
+            Err(why) => {
+                // Once per outage, not once per poll.
+                if !poll.failing {
+                    log::warn!(
+                        "model-lb: cluster \"{cluster}\": admin poll failed, keeping the last known \
+                         health: {why}"
+                    );
+                    poll.failing = true;
+                }
+            }
+        }
     }
 }
 
@@ -212,9 +350,36 @@ struct Request {
 
 impl Request {
     /// Ends the request's count exactly once, from whichever of `on_log` or drop comes first.
-    fn finish(&mut self) {
+    fn finish(&mut self, outcome: Outcome) {
         if let (Some(filter), Some(ticket)) = (&self.filter, self.ticket.take()) {
-            filter.release(ticket);
+            filter.release(ticket, outcome);
+        }
+    }
+
+    /// What the finished stream says about its first-choice endpoint. Costs two property
+    /// reads, so only done when passive health is on.
+    fn outcome(&self) -> Outcome {
+        let (Some(filter), Some(ticket)) = (&self.filter, &self.ticket) else {
+            return Outcome::Neutral;
+        };
+        if filter.config.passive.is_none() {
+            return Outcome::Neutral;
+        }
+        // No upstream host at all: the request never got that far (e.g. a local reply).
+        let Some(upstream) = host::property(&["upstream", "address"]) else {
+            return Outcome::Neutral;
+        };
+        if upstream != ticket.endpoint_address().as_bytes() {
+            // A retry moved it to a fallback: the first choice refused or reset it.
+            return Outcome::Failure;
+        }
+        let code = host::property(&["response", "code"])
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+            .map_or(0, i64::from_le_bytes);
+        match code {
+            500..=599 => Outcome::Failure,
+            1..=499 => Outcome::Success,
+            _ => Outcome::Neutral,
         }
     }
 }
@@ -232,13 +397,14 @@ impl HttpContext for Request {
     }
 
     fn on_log(&mut self) {
-        self.finish();
+        let outcome = self.outcome();
+        self.finish(outcome);
     }
 }
 
 impl Drop for Request {
     fn drop(&mut self) {
-        self.finish();
+        self.finish(Outcome::Neutral);
     }
 }
 

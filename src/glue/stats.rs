@@ -79,6 +79,7 @@ fn set(metric: Metric, value: u64) {
 struct EndpointMetrics {
     routed: Metric,
     in_flight: Metric,
+    eligible: Metric,
 }
 
 struct EventMetrics {
@@ -91,6 +92,7 @@ struct EventMetrics {
     dropped_releases: Metric,
     stale_releases: Metric,
     membership_changes: Metric,
+    ejections: Metric,
 }
 
 pub struct Stats {
@@ -100,7 +102,10 @@ pub struct Stats {
     events: EventMetrics,
     in_flight: Metric,
     endpoint_count: Metric,
+    eligible_count: Metric,
     pending_releases: Metric,
+    admin_polls: Metric,
+    admin_poll_errors: Metric,
     endpoints: Vec<EndpointMetrics>,
     endpoints_token: u64,
     decisions_delta: u64,
@@ -127,9 +132,13 @@ impl Stats {
                 dropped_releases: counter(&name("dropped_releases")),
                 stale_releases: counter(&name("stale_releases")),
                 membership_changes: counter(&name("membership_changes")),
+                ejections: counter(&name("ejections")),
             },
             in_flight: gauge(&name("in_flight")),
             endpoint_count: gauge(&name("endpoints")),
+            eligible_count: gauge(&name("eligible_endpoints")),
+            admin_polls: counter(&name("admin_polls")),
+            admin_poll_errors: counter(&name("admin_poll_errors")),
             pending_releases: gauge(&name("pending_releases")),
             endpoints: Vec::new(),
             endpoints_token: 0,
@@ -152,6 +161,7 @@ impl Stats {
         self.flush_routed();
         for old in &self.endpoints {
             set(old.in_flight, 0);
+            set(old.eligible, 0);
         }
         self.endpoints = membership
             .endpoints()
@@ -159,6 +169,7 @@ impl Stats {
             .map(|address| EndpointMetrics {
                 routed: counter(&format!("{}endpoint.{address}.routed", self.prefix)),
                 in_flight: gauge(&format!("{}endpoint.{address}.in_flight", self.prefix)),
+                eligible: gauge(&format!("{}endpoint.{address}.eligible", self.prefix)),
             })
             .collect();
         self.routed_delta = vec![0; membership.len()];
@@ -184,12 +195,24 @@ impl Stats {
         }
     }
 
-    pub fn publish_loads(&mut self, membership: &Rc<Membership>, loads: &[u32]) {
+    pub fn publish_loads(&mut self, membership: &Rc<Membership>, loads: &[u32], eligible: &[bool]) {
         self.follow(membership);
-        for (metrics, &load) in self.endpoints.iter().zip(loads) {
+        for ((metrics, &load), &ok) in self.endpoints.iter().zip(loads).zip(eligible) {
             set(metrics.in_flight, u64::from(load));
+            set(metrics.eligible, u64::from(ok));
         }
         set(self.in_flight, loads.iter().map(|&l| u64::from(l)).sum());
+        set(
+            self.eligible_count,
+            eligible.iter().filter(|&&ok| ok).count() as u64,
+        );
+    }
+
+    pub fn admin_poll(&mut self, ok: bool) {
+        add(self.admin_polls, 1);
+        if !ok {
+            add(self.admin_poll_errors, 1);
+        }
     }
 
     fn flush_routed(&mut self) {
@@ -216,6 +239,7 @@ impl Stats {
         add(e.dropped_releases, events.dropped_releases);
         add(e.stale_releases, events.stale_releases);
         add(e.membership_changes, events.membership_changes);
+        add(e.ejections, events.ejections.len() as u64);
         let pending = pending_releases as u64;
         if let Some(id) = self.pending_releases {
             let delta = pending as i64 - self.pending_published as i64;

@@ -2,6 +2,8 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use super::*;
+use crate::admin::HostStatus;
+use crate::health::PassivePolicy;
 use crate::store::MemoryStore;
 
 const TTL: u64 = 10_000;
@@ -24,7 +26,7 @@ fn totals(store: &MemoryStore) -> Vec<u32> {
 
 fn route(tracker: &mut PoolTracker, store: &MemoryStore, rng: &mut SplitMix64) -> Routed {
     tracker
-        .route(store, Strategy::LeastOutstandingRequests, 2, rng, |_| true)
+        .route(store, Strategy::LeastOutstandingRequests, 2, rng)
         .unwrap()
 }
 
@@ -55,7 +57,10 @@ fn a_request_counts_from_route_to_release_on_the_endpoint_it_was_sent_to() {
     let mut expected = vec![0, 0, 0];
     expected[chosen] = 1;
     assert_eq!(totals(&store), expected);
-    assert_eq!(t.release(&store, routed.ticket), Release::Applied);
+    assert_eq!(
+        t.release(&store, routed.ticket, Outcome::Neutral),
+        Release::Applied
+    );
     assert_eq!(totals(&store), vec![0, 0, 0]);
 }
 
@@ -71,7 +76,10 @@ fn workers_sharing_a_table_spread_requests_exactly_evenly() {
     }
     assert_eq!(totals(&store), vec![3, 3, 3, 3, 3]);
     for (w, ticket) in held {
-        assert_eq!(workers[w].release(&store, ticket), Release::Applied);
+        assert_eq!(
+            workers[w].release(&store, ticket, Outcome::Neutral),
+            Release::Applied
+        );
     }
     assert_eq!(totals(&store), vec![0; 5]);
 }
@@ -86,7 +94,10 @@ fn injected_cas_conflicts_are_retried_without_losing_or_doubling_a_count() {
     assert_eq!(totals(&store).iter().sum::<u32>(), 1);
     assert_eq!(t.take_events().cas_conflicts, u64::from(ROUTE_ATTEMPTS - 1));
     store.inject_conflicts(RELEASE_ATTEMPTS - 1);
-    assert_eq!(t.release(&store, routed.ticket), Release::Applied);
+    assert_eq!(
+        t.release(&store, routed.ticket, Outcome::Neutral),
+        Release::Applied
+    );
     assert_eq!(totals(&store), vec![0, 0]);
 }
 
@@ -96,9 +107,7 @@ fn endless_contention_fails_open_without_counting() {
     let mut t = worker(&store, 2, 1);
     let mut rng = SplitMix64::new(1);
     store.inject_conflicts(ROUTE_ATTEMPTS);
-    let err = t
-        .route(&store, Strategy::Random, 1, &mut rng, |_| true)
-        .unwrap_err();
+    let err = t.route(&store, Strategy::Random, 1, &mut rng).unwrap_err();
     assert_eq!(err, TrackerError::Contention);
     assert_eq!(err.reason(), "contention");
     assert_eq!(totals(&store), vec![0, 0]);
@@ -112,9 +121,15 @@ fn a_release_that_cannot_be_written_is_kept_and_applied_later() {
     let a = route(&mut t, &store, &mut rng);
     let b = route(&mut t, &store, &mut rng);
     store.inject_conflicts(RELEASE_ATTEMPTS);
-    assert_eq!(t.release(&store, a.ticket), Release::Deferred);
+    assert_eq!(
+        t.release(&store, a.ticket, Outcome::Neutral),
+        Release::Deferred
+    );
     store.fail_with(Some(2));
-    assert_eq!(t.release(&store, b.ticket), Release::Deferred);
+    assert_eq!(
+        t.release(&store, b.ticket, Outcome::Neutral),
+        Release::Deferred
+    );
     assert_eq!(t.pending_releases(), 2);
     assert_eq!(totals(&store), vec![1, 1]);
     assert!(
@@ -140,13 +155,7 @@ fn host_failures_on_the_request_path_are_errors_not_panics() {
     let mut rng = SplitMix64::new(1);
     store.fail_with(Some(10));
     let err = t
-        .route(
-            &store,
-            Strategy::LeastOutstandingRequests,
-            1,
-            &mut rng,
-            |_| true,
-        )
+        .route(&store, Strategy::LeastOutstandingRequests, 1, &mut rng)
         .unwrap_err();
     assert_eq!(err, TrackerError::Store(StoreError::Host(10)));
     assert_eq!(err.reason(), "host_error");
@@ -157,14 +166,16 @@ fn no_eligible_endpoint_fails_open_without_counting() {
     let store = MemoryStore::new();
     let mut t = worker(&store, 3, 1);
     let mut rng = SplitMix64::new(1);
+    let down: Vec<HostStatus> = endpoints(3)
+        .into_iter()
+        .map(|address| HostStatus {
+            address,
+            healthy: false,
+        })
+        .collect();
+    t.apply_cluster(&store, &down).unwrap();
     let err = t
-        .route(
-            &store,
-            Strategy::LeastOutstandingRequests,
-            1,
-            &mut rng,
-            |_| false,
-        )
+        .route(&store, Strategy::LeastOutstandingRequests, 1, &mut rng)
         .unwrap_err();
     assert_eq!(err, TrackerError::NoEligibleEndpoint);
     assert_eq!(totals(&store), vec![0, 0, 0]);
@@ -195,17 +206,26 @@ fn a_dead_vms_requests_are_reclaimed_after_its_lease_and_never_decremented_twice
 
     // If the "dead" VM was only stalled, its late releases must not subtract again.
     for ticket in orphans {
-        assert_eq!(dying.release(&store, ticket), Release::SlotReclaimed);
+        assert_eq!(
+            dying.release(&store, ticket, Outcome::Neutral),
+            Release::SlotReclaimed
+        );
     }
     assert_eq!(totals(&store).iter().sum::<u32>(), 1);
-    assert_eq!(survivor.release(&store, kept), Release::Applied);
+    assert_eq!(
+        survivor.release(&store, kept, Outcome::Neutral),
+        Release::Applied
+    );
     assert_eq!(totals(&store), vec![0, 0]);
 
     // The stalled VM notices it lost its slot and takes a new one on its next request.
     dying.housekeeping(&store, 1_000 + TTL + 1, TTL).unwrap();
     assert_eq!(dying.take_events().lost_slots, 1);
     let again = route(&mut dying, &store, &mut rng).ticket;
-    assert_eq!(dying.release(&store, again), Release::Applied);
+    assert_eq!(
+        dying.release(&store, again, Outcome::Neutral),
+        Release::Applied
+    );
     assert_eq!(totals(&store), vec![0, 0]);
 }
 
@@ -251,7 +271,7 @@ fn a_new_endpoint_list_keeps_the_counts_of_endpoints_that_stay() {
     // Old requests release by address; those of the removed endpoint find nothing to release.
     let mut outcomes = Vec::new();
     for ticket in tickets {
-        outcomes.push(old.release(&store, ticket));
+        outcomes.push(old.release(&store, ticket, Outcome::Neutral));
     }
     assert_eq!(
         outcomes.iter().filter(|&&o| o == Release::Applied).count(),
@@ -269,7 +289,10 @@ fn a_new_endpoint_list_keeps_the_counts_of_endpoints_that_stay() {
         new.membership().token(),
         "old worker followed"
     );
-    assert_eq!(new.release(&store, fresh.ticket), Release::Applied);
+    assert_eq!(
+        new.release(&store, fresh.ticket, Outcome::Neutral),
+        Release::Applied
+    );
     assert_eq!(totals(&store), vec![0, 0, 0]);
 }
 
@@ -286,13 +309,19 @@ fn a_table_wiped_under_live_requests_never_goes_negative() {
     other.create(&store).unwrap();
     assert_eq!(totals(&store), vec![0, 0]);
     for ticket in tickets {
-        assert_eq!(t.release(&store, ticket), Release::SlotReclaimed);
+        assert_eq!(
+            t.release(&store, ticket, Outcome::Neutral),
+            Release::SlotReclaimed
+        );
     }
     assert_eq!(totals(&store), vec![0, 0]);
     // And routing continues on the new table.
     let ticket = route(&mut t, &store, &mut rng).ticket;
     assert_eq!(totals(&store).iter().sum::<u32>(), 1);
-    assert_eq!(t.release(&store, ticket), Release::Applied);
+    assert_eq!(
+        t.release(&store, ticket, Outcome::Neutral),
+        Release::Applied
+    );
 }
 
 #[test]
@@ -303,7 +332,10 @@ fn a_damaged_or_missing_table_is_rebuilt_on_the_request_path() {
     store.overwrite("model_lb.v1.pool.table", b"garbage");
     let routed = route(&mut t, &store, &mut rng);
     assert_eq!(totals(&store).iter().sum::<u32>(), 1);
-    assert_eq!(t.release(&store, routed.ticket), Release::Applied);
+    assert_eq!(
+        t.release(&store, routed.ticket, Outcome::Neutral),
+        Release::Applied
+    );
 }
 
 #[test]
@@ -312,8 +344,14 @@ fn a_double_release_is_clamped_and_reported() {
     let mut t = worker(&store, 1, 1);
     let mut rng = SplitMix64::new(1);
     let routed = route(&mut t, &store, &mut rng);
-    assert_eq!(t.release(&store, routed.ticket.clone()), Release::Applied);
-    assert_eq!(t.release(&store, routed.ticket), Release::ClampedAtZero);
+    assert_eq!(
+        t.release(&store, routed.ticket.clone(), Outcome::Neutral),
+        Release::Applied
+    );
+    assert_eq!(
+        t.release(&store, routed.ticket, Outcome::Neutral),
+        Release::ClampedAtZero
+    );
     assert_eq!(totals(&store), vec![0]);
     assert_eq!(t.take_events().corrections, 1);
 }
@@ -354,13 +392,7 @@ fn concurrent_workers_lose_no_update() {
                 let mut route_some = |t: &mut PoolTracker, n: usize| -> Vec<Ticket> {
                     let mut tickets = Vec::new();
                     for _ in 0..n {
-                        match t.route(
-                            &*store,
-                            Strategy::LeastOutstandingRequests,
-                            1,
-                            &mut rng,
-                            |_| true,
-                        ) {
+                        match t.route(&*store, Strategy::LeastOutstandingRequests, 1, &mut rng) {
                             Ok(r) => tickets.push(r.ticket),
                             Err(TrackerError::Contention) => failed_open += 1,
                             Err(e) => panic!("unexpected {e}"),
@@ -376,7 +408,7 @@ fn concurrent_workers_lose_no_update() {
                     routed += tickets.len();
                     for ticket in tickets {
                         // Deferred releases are part of the contract: applied by housekeeping.
-                        let outcome = t.release(&*store, ticket);
+                        let outcome = t.release(&*store, ticket, Outcome::Neutral);
                         assert!(
                             matches!(outcome, Release::Applied | Release::Deferred),
                             "{outcome:?}"
@@ -391,7 +423,7 @@ fn concurrent_workers_lose_no_update() {
                 held_tx.send(held.len()).unwrap();
                 go_rx.recv().unwrap();
                 for ticket in held {
-                    let outcome = t.release(&*store, ticket);
+                    let outcome = t.release(&*store, ticket, Outcome::Neutral);
                     assert!(
                         matches!(outcome, Release::Applied | Release::Deferred),
                         "{outcome:?}"
@@ -451,7 +483,269 @@ fn a_table_whose_columns_disagree_with_its_membership_is_rebuilt_not_trusted() {
     assert_eq!(totals(&store).len(), 3);
     assert_eq!(totals(&store).iter().sum::<u32>(), 1);
     // The held request's slot went with the bad table: nothing to decrement, no panic.
-    assert_eq!(t.release(&store, held), Release::SlotReclaimed);
-    assert_eq!(t.release(&store, routed.ticket), Release::Applied);
+    assert_eq!(
+        t.release(&store, held, Outcome::Neutral),
+        Release::SlotReclaimed
+    );
+    assert_eq!(
+        t.release(&store, routed.ticket, Outcome::Neutral),
+        Release::Applied
+    );
     assert_eq!(totals(&store), vec![0, 0, 0]);
+}
+
+const PASSIVE: PassivePolicy = PassivePolicy {
+    failure_threshold: 3,
+    base_ejection_ms: 5_000,
+    max_ejection_ms: 60_000,
+};
+
+fn healthy_worker(store: &MemoryStore, n: usize, seed: u64) -> PoolTracker {
+    let mut tracker = PoolTracker::with_health(
+        "pool",
+        endpoints(n),
+        MembershipSource::Configured,
+        Some(PASSIVE),
+        seed,
+        1_000,
+    );
+    tracker.install(store).unwrap();
+    tracker
+}
+
+fn host(address: &str, healthy: bool) -> HostStatus {
+    HostStatus {
+        address: address.to_owned(),
+        healthy,
+    }
+}
+
+#[test]
+fn consecutive_failures_eject_an_endpoint_until_its_ejection_expires() {
+    let store = MemoryStore::new();
+    let mut t = healthy_worker(&store, 2, 1);
+    let mut rng = SplitMix64::new(1);
+    let bad = "10.0.0.2:8000";
+    let mut failures = 0;
+    while failures < 3 {
+        let routed = route(&mut t, &store, &mut rng);
+        let outcome = if routed.ticket.endpoint_address() == bad {
+            failures += 1;
+            Outcome::Failure
+        } else {
+            Outcome::Success
+        };
+        t.release(&store, routed.ticket, outcome);
+    }
+    let events = t.take_events();
+    assert_eq!(
+        events.ejections,
+        vec![Ejection {
+            address: bad.into(),
+            for_ms: 5_000,
+            failures: 3
+        }]
+    );
+    // While ejected it is neither chosen nor listed as a fallback.
+    for _ in 0..20 {
+        let routed = route(&mut t, &store, &mut rng);
+        assert_eq!(
+            routed.membership.header_value(&routed.selection),
+            "10.0.0.1:8000"
+        );
+        t.release(&store, routed.ticket, Outcome::Success);
+    }
+    // The tick clock passes the ejection: it is chosen again (a probe).
+    t.housekeeping(&store, 1_000 + 5_000, TTL).unwrap();
+    let mut chosen_again = false;
+    for _ in 0..20 {
+        let routed = route(&mut t, &store, &mut rng);
+        chosen_again |= routed.ticket.endpoint_address() == bad;
+        t.release(&store, routed.ticket, Outcome::Neutral);
+    }
+    assert!(chosen_again);
+    assert_eq!(totals(&store), vec![0, 0]);
+}
+
+/// The classic least-outstanding-requests trap: an endpoint that fails instantly always looks
+/// idle. Passive ejection keeps its share small.
+#[test]
+fn a_fast_failing_endpoint_does_not_attract_traffic() {
+    let store = MemoryStore::new();
+    let mut t = healthy_worker(&store, 3, 1);
+    let mut rng = SplitMix64::new(2);
+    let bad = "10.0.0.3:8000";
+    let mut held = Vec::new();
+    let mut to_bad = 0;
+    let mut now = 1_000;
+    for i in 0..3_000 {
+        let routed = route(&mut t, &store, &mut rng);
+        if routed.ticket.endpoint_address() == bad {
+            to_bad += 1;
+            t.release(&store, routed.ticket, Outcome::Failure);
+        } else {
+            // Healthy endpoints take a while: keep up to 4 requests in flight.
+            held.push(routed.ticket);
+            if held.len() > 4 {
+                let done = held.remove(0);
+                t.release(&store, done, Outcome::Success);
+            }
+        }
+        if i % 10 == 0 {
+            now += 100;
+            t.housekeeping(&store, now, TTL).unwrap();
+        }
+    }
+    // 3,000 requests over 30 simulated seconds; without ejection the bad endpoint takes most.
+    assert!(to_bad < 30, "fast-failing endpoint got {to_bad} requests");
+    assert!(
+        t.take_events().ejections.len() >= 3,
+        "it was re-ejected with backoff"
+    );
+}
+
+#[test]
+fn without_passive_health_failures_change_nothing() {
+    let store = MemoryStore::new();
+    let mut t = worker(&store, 1, 1);
+    let mut rng = SplitMix64::new(1);
+    for _ in 0..10 {
+        let routed = route(&mut t, &store, &mut rng);
+        t.release(&store, routed.ticket, Outcome::Failure);
+    }
+    assert!(t.take_events().ejections.is_empty());
+    assert!(t.route(&store, Strategy::Random, 0, &mut rng).is_ok());
+}
+
+#[test]
+fn envoys_health_verdict_and_missing_hosts_exclude_endpoints_until_they_recover() {
+    let store = MemoryStore::new();
+    let mut t = healthy_worker(&store, 3, 1);
+    let mut other = healthy_worker(&store, 3, 2);
+    let mut rng = SplitMix64::new(1);
+    let update = t
+        .apply_cluster(
+            &store,
+            &[host("10.0.0.1:8000", true), host("10.0.0.2:8000", false)],
+        )
+        .unwrap();
+    assert_eq!(update.missing, vec!["10.0.0.3:8000".to_owned()]);
+    assert_eq!(
+        update.health,
+        vec![
+            ("10.0.0.2:8000".into(), false),
+            ("10.0.0.3:8000".into(), false)
+        ]
+    );
+    // Every worker sees it through the shared table.
+    for _ in 0..10 {
+        let routed = route(&mut other, &store, &mut rng);
+        assert_eq!(
+            routed.membership.header_value(&routed.selection),
+            "10.0.0.1:8000"
+        );
+        other.release(&store, routed.ticket, Outcome::Success);
+    }
+    // Nothing changed: nothing written.
+    let writes = store.writes();
+    let again = t
+        .apply_cluster(
+            &store,
+            &[host("10.0.0.1:8000", true), host("10.0.0.2:8000", false)],
+        )
+        .unwrap();
+    assert!(again.is_empty());
+    assert_eq!(store.writes(), writes);
+    let recovered = t
+        .apply_cluster(
+            &store,
+            &[
+                host("10.0.0.1:8000", true),
+                host("10.0.0.2:8000", true),
+                host("10.0.0.3:8000", true),
+            ],
+        )
+        .unwrap();
+    assert_eq!(recovered.health.len(), 2);
+    let routed = route(&mut other, &store, &mut rng);
+    assert_eq!(routed.selection.as_slice().len(), 3);
+}
+
+#[test]
+fn a_followed_membership_tracks_the_cluster_and_keeps_counts_of_endpoints_that_stay() {
+    let store = MemoryStore::new();
+    let follow = |seed| {
+        let mut t = PoolTracker::with_health(
+            "pool",
+            Vec::new(),
+            MembershipSource::Followed,
+            None,
+            seed,
+            1_000,
+        );
+        t.install(&store).unwrap();
+        t
+    };
+    let mut leader = follow(1);
+    let mut worker = follow(2);
+    let mut rng = SplitMix64::new(1);
+    assert!(leader.membership().is_empty());
+    assert_eq!(
+        worker
+            .route(&store, Strategy::LeastOutstandingRequests, 1, &mut rng)
+            .unwrap_err(),
+        TrackerError::NoEligibleEndpoint
+    );
+    let update = leader
+        .apply_cluster(
+            &store,
+            &[host("10.0.0.1:8000", true), host("10.0.0.2:8000", true)],
+        )
+        .unwrap();
+    assert_eq!(update.added.len(), 2);
+    let held: Vec<Ticket> = (0..4)
+        .map(|_| route(&mut worker, &store, &mut rng).ticket)
+        .collect();
+    assert_eq!(totals(&store), vec![2, 2]);
+
+    // 10.0.0.1 leaves, 10.0.0.3 joins.
+    let update = leader
+        .apply_cluster(
+            &store,
+            &[host("10.0.0.2:8000", true), host("10.0.0.3:8000", true)],
+        )
+        .unwrap();
+    assert_eq!(update.added, vec!["10.0.0.3:8000".to_owned()]);
+    assert_eq!(update.removed, vec!["10.0.0.1:8000".to_owned()]);
+    assert_eq!(totals(&store), vec![2, 0]);
+    let fresh = route(&mut worker, &store, &mut rng);
+    assert_eq!(fresh.ticket.endpoint_address(), "10.0.0.3:8000");
+    let mut outcomes: Vec<Release> = held
+        .into_iter()
+        .map(|t| worker.release(&store, t, Outcome::Success))
+        .collect();
+    outcomes.sort_by_key(|o| format!("{o:?}"));
+    assert_eq!(
+        outcomes,
+        vec![
+            Release::Applied,
+            Release::Applied,
+            Release::EndpointRemoved,
+            Release::EndpointRemoved
+        ]
+    );
+    worker.release(&store, fresh.ticket, Outcome::Success);
+    assert_eq!(totals(&store), vec![0, 0]);
+
+    // A VM configured later adopts the followed membership instead of imposing its own list.
+    let mut late = PoolTracker::with_health(
+        "pool",
+        endpoints(5),
+        MembershipSource::Followed,
+        None,
+        9,
+        1_000,
+    );
+    assert_eq!(late.install(&store).unwrap(), Install::Adopted);
+    assert_eq!(late.membership().len(), 2);
 }

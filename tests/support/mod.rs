@@ -144,8 +144,18 @@ impl EnvoyConfig {
 }
 
 pub fn plugin_json(strategy: &str, ports: [u16; 3]) -> String {
+    plugin_json_with(strategy, ports, "")
+}
+
+/// The plugin configuration for three loopback endpoints; `extra` adds fields (`"a": 1, ...`).
+pub fn plugin_json_with(strategy: &str, ports: [u16; 3], extra: &str) -> String {
+    let extra = if extra.is_empty() {
+        String::new()
+    } else {
+        format!(", {extra}")
+    };
     format!(
-        r#"{{"routing_strategy": "{strategy}", "cluster": "model_servers", "endpoints": ["127.0.0.1:{}", "127.0.0.1:{}", "127.0.0.1:{}"], "housekeeping_interval_ms": 200}}"#,
+        r#"{{"routing_strategy": "{strategy}", "cluster": "model_servers", "endpoints": ["127.0.0.1:{}", "127.0.0.1:{}", "127.0.0.1:{}"], "housekeeping_interval_ms": 200{extra}}}"#,
         ports[0], ports[1], ports[2]
     )
 }

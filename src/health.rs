@@ -1,0 +1,220 @@
+//! Per-endpoint health, kept in the shared table next to the counts so every worker sees it with
+//! the read it already makes. Two sources: Envoy's own view (active health checks, outlier
+//! detection, EDS status) polled from the admin API, and passive observation of request outcomes
+//! with an ejection that backs off. The latter matters for least-outstanding-requests: a backend
+//! that fails fast finishes its requests quickly, looks idle, and would otherwise attract traffic.
+
+/// Bytes one endpoint's health takes in the table.
+pub const HEALTH_LEN: usize = 16;
+const ACTIVE_UNHEALTHY: u8 = 1;
+/// Consecutive ejections are remembered up to this many doublings of the ejection time.
+const MAX_EJECTIONS: u8 = 16;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Health {
+    /// Envoy itself reports the host unhealthy (failed active health check, outlier ejection,
+    /// EDS status unhealthy/draining/timeout).
+    pub active_unhealthy: bool,
+    /// Ejections in a row; sets the next ejection's length and lowers the failure threshold to 1
+    /// while a host is on probation.
+    pub ejections: u8,
+    pub failures: u16,
+    /// Ms since the epoch until which the host is passively ejected; 0 when it is not.
+    pub ejected_until_ms: u64,
+}
+
+/// How a finished request went, as far as its first-choice endpoint is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A response below 500 came from the endpoint.
+    Success,
+    /// 5xx (including Envoy's own 503 for a refused or reset connection and 504 for a timeout),
+    /// or the request had to be retried on another endpoint.
+    Failure,
+    /// Nothing learned: e.g. the client went away before any response.
+    Neutral,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassivePolicy {
+    pub failure_threshold: u16,
+    pub base_ejection_ms: u64,
+    pub max_ejection_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    None,
+    /// The endpoint was just ejected for this long.
+    Ejected {
+        for_ms: u64,
+        failures: u16,
+    },
+}
+
+impl Health {
+    pub fn eligible(&self, now_ms: u64) -> bool {
+        !self.active_unhealthy && self.ejected_until_ms <= now_ms
+    }
+
+    pub fn encode(&self, out: &mut [u8]) {
+        out[0] = u8::from(self.active_unhealthy) * ACTIVE_UNHEALTHY;
+        out[1] = self.ejections;
+        out[2..4].copy_from_slice(&self.failures.to_le_bytes());
+        out[4..8].fill(0);
+        out[8..16].copy_from_slice(&self.ejected_until_ms.to_le_bytes());
+    }
+
+    pub fn decode(bytes: &[u8]) -> Self {
+        let mut until = [0u8; 8];
+        until.copy_from_slice(&bytes[8..16]);
+        Self {
+            active_unhealthy: bytes[0] & ACTIVE_UNHEALTHY != 0,
+            ejections: bytes[1],
+            failures: u16::from_le_bytes([bytes[2], bytes[3]]),
+            ejected_until_ms: u64::from_le_bytes(until),
+        }
+    }
+
+    /// Folds one request's outcome into the endpoint's passive health.
+    pub fn record(&mut self, outcome: Outcome, policy: &PassivePolicy, now_ms: u64) -> Change {
+        match outcome {
+            Outcome::Neutral => Change::None,
+            Outcome::Success => {
+                self.failures = 0;
+                if self.ejected_until_ms <= now_ms {
+                    self.ejections = self.ejections.saturating_sub(1);
+                    self.ejected_until_ms = 0;
+                }
+                Change::None
+            }
+            Outcome::Failure => {
+                if self.ejected_until_ms > now_ms {
+                    // Requests that were already in flight when it was ejected: no news.
+                    return Change::None;
+                }
+                self.failures = self.failures.saturating_add(1);
+                let threshold = if self.ejections > 0 {
+                    1
+                } else {
+                    policy.failure_threshold
+                };
+                if self.failures < threshold {
+                    return Change::None;
+                }
+                let failures = self.failures;
+                self.ejections = (self.ejections + 1).min(MAX_EJECTIONS);
+                let for_ms = policy
+                    .base_ejection_ms
+                    .saturating_mul(1 << (self.ejections - 1))
+                    .min(policy.max_ejection_ms);
+                self.ejected_until_ms = now_ms.saturating_add(for_ms);
+                self.failures = 0;
+                Change::Ejected { for_ms, failures }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: PassivePolicy = PassivePolicy {
+        failure_threshold: 3,
+        base_ejection_ms: 1_000,
+        max_ejection_ms: 5_000,
+    };
+
+    #[test]
+    fn round_trips_through_bytes() {
+        let health = Health {
+            active_unhealthy: true,
+            ejections: 3,
+            failures: 513,
+            ejected_until_ms: 0x0102_0304_0506_0708,
+        };
+        let mut bytes = [0xAAu8; HEALTH_LEN];
+        health.encode(&mut bytes);
+        assert_eq!(Health::decode(&bytes), health);
+        assert_eq!(Health::decode(&[0; HEALTH_LEN]), Health::default());
+    }
+
+    #[test]
+    fn ejects_after_consecutive_failures_and_a_success_resets_the_streak() {
+        let mut h = Health::default();
+        assert_eq!(h.record(Outcome::Failure, &POLICY, 0), Change::None);
+        assert_eq!(h.record(Outcome::Failure, &POLICY, 0), Change::None);
+        assert_eq!(h.record(Outcome::Success, &POLICY, 0), Change::None);
+        assert_eq!(h.failures, 0);
+        h.record(Outcome::Failure, &POLICY, 0);
+        h.record(Outcome::Failure, &POLICY, 0);
+        assert_eq!(
+            h.record(Outcome::Failure, &POLICY, 10),
+            Change::Ejected {
+                for_ms: 1_000,
+                failures: 3
+            }
+        );
+        assert!(!h.eligible(10));
+        assert!(!h.eligible(1_009));
+        assert!(h.eligible(1_010));
+        assert_eq!(h.record(Outcome::Neutral, &POLICY, 20), Change::None);
+    }
+
+    #[test]
+    fn failures_of_requests_already_in_flight_do_not_extend_an_ejection() {
+        let mut h = Health::default();
+        for _ in 0..3 {
+            h.record(Outcome::Failure, &POLICY, 0);
+        }
+        let until = h.ejected_until_ms;
+        for _ in 0..10 {
+            assert_eq!(h.record(Outcome::Failure, &POLICY, 500), Change::None);
+        }
+        assert_eq!(h.ejected_until_ms, until);
+    }
+
+    #[test]
+    fn a_host_on_probation_is_ejected_again_at_once_for_twice_as_long_up_to_the_cap() {
+        let mut h = Health::default();
+        for _ in 0..3 {
+            h.record(Outcome::Failure, &POLICY, 0);
+        }
+        let mut now = h.ejected_until_ms;
+        let mut lengths = Vec::new();
+        for _ in 0..5 {
+            match h.record(Outcome::Failure, &POLICY, now) {
+                Change::Ejected {
+                    for_ms,
+                    failures: 1,
+                } => lengths.push(for_ms),
+                other => panic!("expected a re-ejection, got {other:?}"),
+            }
+            now = h.ejected_until_ms;
+        }
+        assert_eq!(lengths, vec![2_000, 4_000, 5_000, 5_000, 5_000]);
+    }
+
+    #[test]
+    fn successes_after_recovery_shorten_the_memory_of_ejections() {
+        let mut h = Health::default();
+        for _ in 0..3 {
+            h.record(Outcome::Failure, &POLICY, 0);
+        }
+        let now = h.ejected_until_ms;
+        h.record(Outcome::Success, &POLICY, now);
+        assert_eq!((h.ejections, h.ejected_until_ms), (0, 0));
+        // Back to the full threshold.
+        assert_eq!(h.record(Outcome::Failure, &POLICY, now), Change::None);
+    }
+
+    #[test]
+    fn active_health_overrides_eligibility() {
+        let h = Health {
+            active_unhealthy: true,
+            ..Health::default()
+        };
+        assert!(!h.eligible(u64::MAX));
+    }
+}
