@@ -141,7 +141,7 @@ pub fn parse(bytes: Option<&[u8]>) -> Result<Config, ConfigError> {
 fn from_object(object: &Map<String, Value>) -> Result<Config, ConfigError> {
     if let Some(unknown) = object.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(ConfigError::field(
-            unknown.as_str(),
+            truncate(unknown, 80),
             format!("unknown field; known fields are {}", FIELDS.join(", ")),
         ));
     }

@@ -21,6 +21,9 @@ pub struct Health {
     pub failures: u16,
     /// Ms since the epoch until which the host is passively ejected; 0 when it is not.
     pub ejected_until_ms: u64,
+    /// Seconds since the epoch when a live plugin configuration last listed this endpoint;
+    /// endpoints nobody has wanted for a lease are pruned from the pool.
+    pub wanted_at_s: u32,
 }
 
 /// How a finished request went, as far as its first-choice endpoint is concerned.
@@ -61,7 +64,7 @@ impl Health {
         out[0] = u8::from(self.active_unhealthy) * ACTIVE_UNHEALTHY;
         out[1] = self.ejections;
         out[2..4].copy_from_slice(&self.failures.to_le_bytes());
-        out[4..8].fill(0);
+        out[4..8].copy_from_slice(&self.wanted_at_s.to_le_bytes());
         out[8..16].copy_from_slice(&self.ejected_until_ms.to_le_bytes());
     }
 
@@ -73,6 +76,7 @@ impl Health {
             ejections: bytes[1],
             failures: u16::from_le_bytes([bytes[2], bytes[3]]),
             ejected_until_ms: u64::from_le_bytes(until),
+            wanted_at_s: u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]),
         }
     }
 
@@ -133,6 +137,7 @@ mod tests {
             ejections: 3,
             failures: 513,
             ejected_until_ms: 0x0102_0304_0506_0708,
+            wanted_at_s: 1_764_000_000,
         };
         let mut bytes = [0xAAu8; HEALTH_LEN];
         health.encode(&mut bytes);

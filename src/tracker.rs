@@ -2,6 +2,7 @@
 //! read of the pool's table followed by a compare-and-swap write, retried on conflict, so
 //! concurrent workers never lose an update. Pure: the store and the randomness are injected.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::rc::Rc;
 
@@ -22,6 +23,9 @@ pub const ROUTE_ATTEMPTS: u32 = 16;
 /// never lost; this only bounds the work done inside one callback.
 pub const RELEASE_ATTEMPTS: u32 = 32;
 const HOUSEKEEPING_ATTEMPTS: u32 = 8;
+/// Installing runs at configure time, possibly while other workers serve heavy traffic on the
+/// same pool; it may retry longer than a request would.
+const INSTALL_ATTEMPTS: u32 = 64;
 /// Releases still waiting for a successful write. Past this something is deeply wrong with the
 /// host; dropping the oldest keeps memory bounded and is counted.
 const MAX_PENDING_RELEASES: usize = 65_536;
@@ -150,6 +154,8 @@ pub struct Events {
     pub dropped_releases: u64,
     pub stale_releases: u64,
     pub membership_changes: u64,
+    /// Endpoints dropped because no live configuration lists them any more.
+    pub pruned_endpoints: u64,
     /// Endpoints this VM ejected (passive health), for the log and the stats.
     pub ejections: Vec<Ejection>,
 }
@@ -197,6 +203,10 @@ pub struct PoolTracker {
     key_prefix: String,
     table_key: String,
     configured: Vec<String>,
+    configured_set: HashSet<String>,
+    /// Which of the current membership's endpoints this configuration may route to: a pool
+    /// shared by several live configurations holds the union of their endpoint lists.
+    wanted: Vec<bool>,
     source: MembershipSource,
     passive: Option<PassivePolicy>,
     membership: Rc<Membership>,
@@ -236,8 +246,10 @@ impl PoolTracker {
         Self {
             table_key: format!("{key_prefix}table"),
             key_prefix,
-            membership: Rc::new(Membership::new(0, endpoints.clone())),
+            membership: Rc::new(Membership::new(0, Vec::new())),
+            configured_set: endpoints.iter().cloned().collect(),
             configured: endpoints,
+            wanted: Vec::new(),
             source,
             passive,
             claim: None,
@@ -265,11 +277,13 @@ impl PoolTracker {
         std::mem::take(&mut self.events)
     }
 
-    /// Makes the shared table describe the configured endpoints: creates it, adopts an
-    /// identical one (another worker or an earlier config got there first), or moves the counts
-    /// of endpoints that stay onto a new membership. Run from `on_configure`, before traffic.
+    /// Makes the shared table hold this configuration's endpoints: creates it, adopts it, or
+    /// adds the endpoints it lacks (counts of the others are untouched, so a new configuration
+    /// sees the requests the old one still has in flight). Endpoints of other configurations
+    /// stay until nobody has wanted them for a lease. Run from `on_configure`, before traffic,
+    /// and again from housekeeping if this configuration's endpoints were pruned meanwhile.
     pub fn install<S: SharedStore>(&mut self, store: &S) -> Result<Install, TrackerError> {
-        for _ in 0..ROUTE_ATTEMPTS {
+        for attempt in 0..INSTALL_ATTEMPTS {
             let Some((bytes, cas)) = store.get(&self.table_key)? else {
                 self.create(store)?;
                 return Ok(Install::Created);
@@ -293,29 +307,76 @@ impl PoolTracker {
                 self.create(store)?;
                 return Ok(Install::Created);
             }
-            if self.source == MembershipSource::Followed
-                || current.has_same_endpoints(&self.configured)
-            {
-                self.adopt(current);
-                return Ok(Install::Adopted);
-            }
-            let next = self.write_membership(store, self.configured.clone())?;
-            let remapped = table.remapped(next.token(), next.len(), &next.mapping_from(&current));
-            match store.set(&self.table_key, remapped.as_bytes(), cas) {
-                Ok(()) => {
-                    self.adopt(Rc::new(next));
-                    return Ok(Install::Replaced);
+            let missing: Vec<String> = match self.source {
+                MembershipSource::Followed => Vec::new(),
+                MembershipSource::Configured => self
+                    .configured
+                    .iter()
+                    .filter(|e| current.position(e).is_none())
+                    .cloned()
+                    .collect(),
+            };
+            let (mut table, next, outcome) = if missing.is_empty() {
+                if !self.stamps_stale(&table, &current) {
+                    self.adopt(current);
+                    return Ok(Install::Adopted);
                 }
-                Err(StoreError::CasMismatch) => self.events.cas_conflicts += 1,
+                (table, Rc::clone(&current), Install::Adopted)
+            } else {
+                let union: Vec<String> =
+                    current.endpoints().iter().cloned().chain(missing).collect();
+                let next = self.write_membership(store, union)?;
+                let remapped =
+                    table.remapped(next.token(), next.len(), &next.mapping_from(&current));
+                (remapped, Rc::new(next), Install::Replaced)
+            };
+            self.mark_wanted(&mut table, &next);
+            match store.set(&self.table_key, table.as_bytes(), cas) {
+                Ok(()) => {
+                    self.adopt(next);
+                    return Ok(outcome);
+                }
+                Err(StoreError::CasMismatch) => self.lost_race(attempt),
                 Err(e) => return Err(e.into()),
             }
         }
         Err(TrackerError::Contention)
     }
 
+    /// Which of `membership`'s endpoints this configuration routes to.
+    fn mask(&self, membership: &Membership) -> Vec<bool> {
+        membership
+            .endpoints()
+            .iter()
+            .map(|e| self.source == MembershipSource::Followed || self.configured_set.contains(e))
+            .collect()
+    }
+
+    /// Whether any of this configuration's endpoints was last stamped wanted over a second ago.
+    fn stamps_stale(&self, table: &Table, membership: &Membership) -> bool {
+        let now_s = u32::try_from(self.now_ms / 1_000).unwrap_or(u32::MAX);
+        self.mask(membership)
+            .into_iter()
+            .enumerate()
+            .any(|(e, wanted)| wanted && table.health(e).wanted_at_s.saturating_add(1) < now_s)
+    }
+
+    /// Stamps this configuration's endpoints as wanted now, so the leader does not prune them.
+    fn mark_wanted(&self, table: &mut Table, membership: &Membership) {
+        let now_s = u32::try_from(self.now_ms / 1_000).unwrap_or(u32::MAX);
+        for (e, wanted) in self.mask(membership).into_iter().enumerate() {
+            if wanted {
+                let mut health = table.health(e);
+                health.wanted_at_s = now_s;
+                table.set_health(e, &health);
+            }
+        }
+    }
+
     fn create<S: SharedStore>(&mut self, store: &S) -> Result<(), TrackerError> {
         let membership = self.write_membership(store, self.configured.clone())?;
-        let table = Table::new(membership.token(), membership.len());
+        let mut table = Table::new(membership.token(), membership.len());
+        self.mark_wanted(&mut table, &membership);
         // Creation cannot be conditional in Envoy; two workers creating at once both write an
         // empty table before any traffic, and the loser's cached membership is simply replaced
         // on its first read.
@@ -355,6 +416,7 @@ impl PoolTracker {
         if self.membership.token() != 0 && membership.token() != self.membership.token() {
             self.events.membership_changes += 1;
         }
+        self.wanted = self.mask(&membership);
         self.membership = membership;
     }
 
@@ -411,10 +473,11 @@ impl PoolTracker {
                 }
             };
             let now_ms = self.now_ms;
+            let wanted = &self.wanted;
             let selection = select(
                 strategy,
                 &table,
-                |e| table.eligible(e, now_ms),
+                |e| wanted[e] && table.eligible(e, now_ms),
                 fallbacks,
                 rng,
             );
@@ -633,6 +696,9 @@ impl PoolTracker {
             if update.is_empty() {
                 return Ok(update);
             }
+            if let Some(membership) = &fresh {
+                self.mark_wanted(&mut table, membership);
+            }
             match store.set(&self.table_key, table.as_bytes(), cas) {
                 Ok(()) => {
                     if let Some(membership) = fresh {
@@ -667,13 +733,25 @@ impl PoolTracker {
                 Err(_) => self.defer(ticket, outcome),
             }
         }
-        for _ in 0..HOUSEKEEPING_ATTEMPTS {
+        if self.source == MembershipSource::Configured {
+            self.read(store)?;
+            if self
+                .configured
+                .iter()
+                .any(|e| self.membership.position(e).is_none())
+            {
+                // Pruned while this configuration was idle, or needed again after a rollback to
+                // a configuration Envoy kept cached: make its endpoints routable again.
+                self.install(store)?;
+            }
+        }
+        for attempt in 0..HOUSEKEEPING_ATTEMPTS {
             let (mut table, cas) = self.read(store)?;
-            let mut dirty = false;
+            let membership = Rc::clone(&self.membership);
+            self.mark_wanted(&mut table, &membership);
             if let Some(claim) = self.claim {
                 if table.slot_owner(claim.slot) == claim.owner {
                     table.heartbeat(claim.slot, now_ms);
-                    dirty = true;
                 } else {
                     self.claim = None;
                     self.events.lost_slots += 1;
@@ -682,20 +760,38 @@ impl PoolTracker {
             let (leader, expiry) = table.leader();
             let lead = leader == self.leader_id || leader == 0 || expiry <= now_ms;
             let mut reaped = Reaped::default();
+            let mut pruned: Option<Membership> = None;
             if lead {
                 table.set_leader(self.leader_id, now_ms.saturating_add(lease_ttl_ms));
                 reaped = table.reap_expired(now_ms, lease_ttl_ms);
-                dirty = true;
-            }
-            if dirty {
-                match store.set(&self.table_key, table.as_bytes(), cas) {
-                    Ok(()) => {}
-                    Err(StoreError::CasMismatch) => {
-                        self.events.cas_conflicts += 1;
-                        continue;
-                    }
-                    Err(e) => return Err(e.into()),
+                let stale = self.unwanted(&table, now_ms, lease_ttl_ms);
+                if !stale.is_empty() {
+                    let kept: Vec<String> = membership
+                        .endpoints()
+                        .iter()
+                        .enumerate()
+                        .filter(|(e, _)| !stale.contains(e))
+                        .map(|(_, a)| a.clone())
+                        .collect();
+                    let next = self.write_membership(store, kept)?;
+                    table =
+                        table.remapped(next.token(), next.len(), &next.mapping_from(&membership));
+                    pruned = Some(next);
                 }
+            }
+            // Always written: the slot heartbeat and the wanted stamps are this tick's news.
+            match store.set(&self.table_key, table.as_bytes(), cas) {
+                Ok(()) => {
+                    if let Some(next) = pruned {
+                        self.events.pruned_endpoints += (membership.len() - next.len()) as u64;
+                        self.adopt(Rc::new(next));
+                    }
+                }
+                Err(StoreError::CasMismatch) => {
+                    self.lost_race(attempt);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
             }
             self.events.reaped_slots += u64::from(reaped.slots);
             self.events.reclaimed_requests += reaped.requests;
@@ -712,6 +808,22 @@ impl PoolTracker {
             });
         }
         Err(TrackerError::Contention)
+    }
+
+    /// Endpoints no live configuration has listed for a lease and with nothing in flight: left
+    /// over from configurations that are gone. A followed pool changes only through the admin
+    /// poll.
+    fn unwanted(&self, table: &Table, now_ms: u64, lease_ttl_ms: u64) -> Vec<usize> {
+        if self.source == MembershipSource::Followed {
+            return Vec::new();
+        }
+        let now_s = now_ms / 1_000;
+        let lease_s = lease_ttl_ms.div_ceil(1_000);
+        (0..table.endpoint_count())
+            .filter(|&e| {
+                u64::from(table.health(e).wanted_at_s) + lease_s < now_s && table.total(e) == 0
+            })
+            .collect()
     }
 }
 

@@ -17,7 +17,7 @@ use crate::admin;
 use crate::config::{self, Config};
 use crate::health::Outcome;
 use crate::rng::SplitMix64;
-use crate::tracker::{ClusterUpdate, Install, MembershipSource, PoolTracker, Ticket};
+use crate::tracker::{ClusterUpdate, Install, MembershipSource, PoolTracker, Ticket, TrackerError};
 use host::HostStore;
 use stats::{FailOpen, Stats};
 
@@ -147,12 +147,25 @@ impl Filter {
             seed,
             now_ms,
         );
-        let install = tracker.install(&HostStore).map_err(|e| {
-            format!(
-                "cannot set up the shared outstanding-request table \"{}\": {e}",
-                tracker.table_key()
-            )
-        })?;
+        let install = match tracker.install(&HostStore) {
+            Ok(install) => install,
+            // Heavy traffic from other workers on the same pool: the first housekeeping tick
+            // finishes the job, and requests route within the pool as it is until then.
+            Err(TrackerError::Contention) => {
+                log::warn!(
+                    "model-lb: cluster \"{}\": shared table busy at configure time; endpoints are \
+                     added on the next housekeeping tick",
+                    config.cluster
+                );
+                Install::Adopted
+            }
+            Err(e) => {
+                return Err(format!(
+                    "cannot set up the shared outstanding-request table \"{}\": {e}",
+                    tracker.table_key()
+                ))
+            }
+        };
         let interval = u32::try_from(config.housekeeping_interval_ms).unwrap_or(u32::MAX);
         host::set_tick_period_ms(interval)
             .map_err(|status| format!("cannot set the housekeeping tick (status {status})"))?;
@@ -167,7 +180,7 @@ impl Filter {
                 config.fallback_endpoints,
                 match install {
                     Install::Created => "new shared table",
-                    Install::Replaced => "endpoint list changed; counts of kept endpoints carried over",
+                    Install::Replaced => "endpoints added to the shared pool",
                     Install::Adopted => "shared table adopted",
                 }
             );
@@ -268,6 +281,13 @@ impl Filter {
                 "model-lb: cluster \"{}\": housekeeping failed, will retry next tick: {e}",
                 self.config.cluster
             ),
+        }
+        if events.pruned_endpoints > 0 {
+            log::info!(
+                "model-lb: cluster \"{}\": removed {} idle endpoints that no live configuration lists",
+                self.config.cluster,
+                events.pruned_endpoints
+            );
         }
         for ejection in &events.ejections {
             log::warn!(

@@ -92,6 +92,7 @@ struct EventMetrics {
     dropped_releases: Metric,
     stale_releases: Metric,
     membership_changes: Metric,
+    pruned_endpoints: Metric,
     ejections: Metric,
 }
 
@@ -132,6 +133,7 @@ impl Stats {
                 dropped_releases: counter(&name("dropped_releases")),
                 stale_releases: counter(&name("stale_releases")),
                 membership_changes: counter(&name("membership_changes")),
+                pruned_endpoints: counter(&name("pruned_endpoints")),
                 ejections: counter(&name("ejections")),
             },
             in_flight: gauge(&name("in_flight")),
@@ -239,6 +241,7 @@ impl Stats {
         add(e.dropped_releases, events.dropped_releases);
         add(e.stale_releases, events.stale_releases);
         add(e.membership_changes, events.membership_changes);
+        add(e.pruned_endpoints, events.pruned_endpoints);
         add(e.ejections, events.ejections.len() as u64);
         let pending = pending_releases as u64;
         if let Some(id) = self.pending_releases {

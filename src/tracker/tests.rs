@@ -244,7 +244,7 @@ fn only_one_vm_leads_while_the_leader_is_alive() {
 }
 
 #[test]
-fn a_new_endpoint_list_keeps_the_counts_of_endpoints_that_stay() {
+fn a_new_endpoint_list_shares_the_counts_and_old_endpoints_leave_once_unwanted_and_idle() {
     let store = MemoryStore::new();
     let mut old = worker(&store, 3, 1);
     let mut rng = SplitMix64::new(1);
@@ -253,47 +253,101 @@ fn a_new_endpoint_list_keeps_the_counts_of_endpoints_that_stay() {
         .collect();
     assert_eq!(totals(&store), vec![2, 2, 2]);
 
-    // The new config drops 10.0.0.1 and adds 10.0.0.4, in a different order.
+    // The new config drops 10.0.0.1 and adds 10.0.0.4, in a different order. The pool becomes
+    // the union, so the new config sees the old one's requests in flight.
     let next = vec![
         "10.0.0.4:8000".to_owned(),
         "10.0.0.3:8000".to_owned(),
         "10.0.0.2:8000".to_owned(),
     ];
-    let mut new = PoolTracker::new("pool", next.clone(), 2, 1_000);
+    let mut new = PoolTracker::new("pool", next, 2, 1_000);
     assert_eq!(new.install(&store).unwrap(), Install::Replaced);
-    assert_eq!(new.membership().endpoints(), &next[..]);
-    assert_eq!(totals(&store), vec![0, 2, 2]);
+    assert_eq!(new.membership().len(), 4);
+    assert_eq!(totals(&store), vec![2, 2, 2, 0]);
 
-    // New requests avoid the loaded endpoints and see only the new membership.
+    // The new config routes only among its own endpoints: the idle new one first, never 10.0.0.1.
     let fresh = route(&mut new, &store, &mut rng);
     assert_eq!(fresh.ticket.endpoint_address(), "10.0.0.4:8000");
-
-    // Old requests release by address; those of the removed endpoint find nothing to release.
-    let mut outcomes = Vec::new();
-    for ticket in tickets {
-        outcomes.push(old.release(&store, ticket, Outcome::Neutral));
+    for _ in 0..20 {
+        let r = route(&mut new, &store, &mut rng);
+        assert_ne!(r.ticket.endpoint_address(), "10.0.0.1:8000");
+        assert!(!r
+            .membership
+            .header_value(&r.selection)
+            .contains("10.0.0.1:8000"));
+        new.release(&store, r.ticket, Outcome::Neutral);
     }
-    assert_eq!(
-        outcomes.iter().filter(|&&o| o == Release::Applied).count(),
-        4
-    );
-    assert_eq!(
-        outcomes
-            .iter()
-            .filter(|&&o| o == Release::EndpointRemoved)
-            .count(),
-        2
-    );
-    assert_eq!(
-        old.membership().token(),
-        new.membership().token(),
-        "old worker followed"
-    );
+    // The old config's requests release normally.
+    for ticket in tickets {
+        assert_eq!(
+            old.release(&store, ticket, Outcome::Neutral),
+            Release::Applied
+        );
+    }
     assert_eq!(
         new.release(&store, fresh.ticket, Outcome::Neutral),
         Release::Applied
     );
-    assert_eq!(totals(&store), vec![0, 0, 0]);
+    assert_eq!(totals(&store), vec![0, 0, 0, 0]);
+
+    // While the old config lives (ticks), 10.0.0.1 stays; once it is gone for a lease, the
+    // leader prunes it.
+    new.housekeeping(&store, 2_000, TTL).unwrap();
+    old.housekeeping(&store, 2_500, TTL).unwrap();
+    new.housekeeping(&store, 2_500 + TTL, TTL).unwrap();
+    assert_eq!(new.membership().len(), 4, "still wanted within the lease");
+    new.housekeeping(&store, 4_000 + TTL, TTL).unwrap();
+    assert_eq!(new.membership().len(), 3);
+    assert!(new.membership().position("10.0.0.1:8000").is_none());
+    assert_eq!(new.take_events().pruned_endpoints, 1);
+
+    // A rollback to the old list, even by a cached configuration that is not re-installed,
+    // brings the endpoint back on its next tick.
+    old.housekeeping(&store, 5_000 + TTL, TTL).unwrap();
+    assert_eq!(old.membership().len(), 4);
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..30 {
+        let r = route(&mut old, &store, &mut rng);
+        seen.insert(r.ticket.endpoint_address().to_owned());
+        old.release(&store, r.ticket, Outcome::Neutral);
+    }
+    assert!(seen.contains("10.0.0.1:8000"));
+    assert!(!seen.contains("10.0.0.4:8000"));
+}
+
+#[test]
+fn an_endpoint_with_requests_in_flight_is_never_pruned() {
+    let store = MemoryStore::new();
+    let mut old = worker(&store, 2, 1);
+    let mut rng = SplitMix64::new(1);
+    let held: Vec<Ticket> = (0..2)
+        .map(|_| route(&mut old, &store, &mut rng).ticket)
+        .collect();
+    let mut new = PoolTracker::new("pool", vec!["10.0.0.9:8000".to_owned()], 2, 1_000);
+    new.install(&store).unwrap();
+    // Nobody has wanted the old endpoints for ages, but their requests' slot is alive.
+    let now = 100_000;
+    let key = "model_lb.v1.pool.table";
+    let mut table = Table::parse(store.raw(key).unwrap()).unwrap();
+    for e in 0..2 {
+        let mut health = table.health(e);
+        health.wanted_at_s = 0;
+        table.set_health(e, &health);
+    }
+    for slot in 0..table.slot_count() {
+        table.heartbeat(slot, now);
+    }
+    store.overwrite(key, table.as_bytes());
+    new.housekeeping(&store, now, TTL).unwrap();
+    assert_eq!(new.membership().len(), 3, "busy endpoints stay");
+    for ticket in held {
+        assert_eq!(
+            old.release(&store, ticket, Outcome::Neutral),
+            Release::Applied
+        );
+    }
+    new.housekeeping(&store, now + 500, TTL).unwrap();
+    assert_eq!(new.membership().endpoints(), &["10.0.0.9:8000".to_owned()]);
 }
 
 #[test]

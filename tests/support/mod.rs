@@ -90,9 +90,11 @@ pub struct EnvoyConfig {
 impl EnvoyConfig {
     pub fn shipped() -> Self {
         let yaml = std::fs::read_to_string(repo_root().join("envoy/envoy.yaml")).unwrap();
+        // The admin port must be known up front: the model_lb_admin cluster points at it.
+        let admin_port = closed_port();
         Self { yaml }
             .replace("port_value: 10000", "port_value: 0")
-            .replace("port_value: 9901", "port_value: 0")
+            .replace("port_value: 9901", &format!("port_value: {admin_port}"))
             .replace(SHIPPED_WASM, wasm_path().to_str().unwrap())
     }
 
@@ -140,6 +142,32 @@ impl EnvoyConfig {
 
     pub fn yaml(&self) -> &str {
         &self.yaml
+    }
+
+    /// Splits the config into a bootstrap that loads its listeners from `lds_path` (watched by
+    /// Envoy, so rewriting it is a live listener update) and that file's contents.
+    pub fn with_file_lds(&self, lds_path: &Path) -> (EnvoyConfig, String) {
+        let start = self.yaml.find("  listeners:\n").expect("static listeners");
+        let end = self.yaml.find("  clusters:\n").expect("static clusters");
+        let listeners: String = self.yaml[start + "  listeners:\n".len()..end]
+            .lines()
+            .map(|l| format!("{}\n", l.strip_prefix("  ").unwrap_or(l)))
+            .collect();
+        let resources = listeners.replacen(
+            "- name: ",
+            "- \"@type\": type.googleapis.com/envoy.config.listener.v3.Listener\n  name: ",
+            1,
+        );
+        let bootstrap = format!(
+            "{}{}node: {{ id: model-lb-test, cluster: model-lb-test }}\ndynamic_resources:\n  lds_config:\n    resource_api_version: V3\n    path_config_source: {{ path: {} }}\n",
+            &self.yaml[..start],
+            &self.yaml[end..],
+            lds_path.display()
+        );
+        (
+            EnvoyConfig { yaml: bootstrap },
+            format!("resources:\n{resources}"),
+        )
     }
 }
 
@@ -364,6 +392,79 @@ pub fn validate_file(path: &Path) -> (bool, String) {
     validate(&yaml)
 }
 
+pub const HOLD: (&str, &str) = ("x-test-hold", "1");
+
+// ---------------------------------------------------------------------------------------------
+// Pool
+
+/// Three scriptable backends behind a real Envoy running the shipped config.
+pub struct Pool {
+    pub backends: Vec<Backend>,
+    pub envoy: Envoy,
+}
+
+impl Pool {
+    pub fn start(strategy: &str) -> Self {
+        Self::start_with(strategy, |config| config)
+    }
+
+    pub fn start_with(strategy: &str, adjust: impl FnOnce(EnvoyConfig) -> EnvoyConfig) -> Self {
+        Self::start_configured(strategy, "", adjust)
+    }
+
+    pub fn start_configured(
+        strategy: &str,
+        extra_plugin_fields: &str,
+        adjust: impl FnOnce(EnvoyConfig) -> EnvoyConfig,
+    ) -> Self {
+        let backends: Vec<Backend> = (0..3).map(|_| Backend::start()).collect();
+        let ports = [backends[0].port(), backends[1].port(), backends[2].port()];
+        let config = EnvoyConfig::shipped()
+            .backends(ports)
+            .plugin_config(&plugin_json_with(strategy, ports, extra_plugin_fields));
+        let envoy = Envoy::start(&adjust(config));
+        Self { backends, envoy }
+    }
+
+    pub fn request(&self, headers: &[(&str, &str)]) -> Response {
+        request(self.envoy.listener, "/v1/completions", headers).unwrap()
+    }
+
+    pub fn total_active(&self) -> usize {
+        self.backends.iter().map(Backend::active).sum()
+    }
+
+    /// Starts `n` held requests from their own threads and waits until the backends hold them.
+    pub fn hold(&self, n: usize) -> Vec<thread::JoinHandle<Response>> {
+        let before = self.total_active();
+        let handles = (0..n)
+            .map(|_| {
+                let listener = self.envoy.listener;
+                thread::spawn(move || request(listener, "/v1/completions", &[HOLD]).unwrap())
+            })
+            .collect();
+        wait_until(
+            Duration::from_secs(10),
+            "backends to hold the requests",
+            || self.total_active() == before + n,
+        );
+        handles
+    }
+
+    pub fn release(&self, held: Vec<thread::JoinHandle<Response>>) {
+        for b in &self.backends {
+            b.release_held();
+        }
+        for h in held {
+            assert_eq!(h.join().unwrap().status, 200);
+        }
+    }
+
+    pub fn active_per_backend(&self) -> Vec<usize> {
+        self.backends.iter().map(Backend::active).collect()
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Backends
 
@@ -385,11 +486,18 @@ struct BackendState {
     stopped: AtomicBool,
     /// Open connections plus the accept loop, so a stop can wait until the port is dead.
     alive: AtomicUsize,
+    /// Answer all traffic (not health checks) with an instant 503.
+    failing: AtomicBool,
 }
 
 impl Backend {
     pub fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on(0)
+    }
+
+    /// A backend on a given port, e.g. to bring a "killed" backend back.
+    pub fn start_on(port: u16) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(BackendState::default());
         let accept_state = Arc::clone(&state);
@@ -411,6 +519,11 @@ impl Backend {
             accept_state.alive.fetch_sub(1, Ordering::SeqCst);
         });
         Self { addr, state }
+    }
+
+    /// From now on, answer every request at once with 503 (health checks still pass).
+    pub fn fail_fast(&self) {
+        self.state.failing.store(true, Ordering::SeqCst);
     }
 
     pub fn port(&self) -> u16 {
@@ -439,7 +552,6 @@ impl Backend {
 impl Drop for Backend {
     fn drop(&mut self) {
         self.state.stopped.store(true, Ordering::SeqCst);
-        self.release_held();
         let _ = TcpStream::connect(self.addr);
         // Like a killed process: once dropped, nothing on this port answers any more.
         wait_until(
@@ -464,9 +576,15 @@ fn serve_connection(stream: TcpStream, me: SocketAddr, state: &BackendState) {
         let Some(request) = read_request(&mut reader) else {
             return;
         };
-        state.active.fetch_add(1, Ordering::SeqCst);
-        let outcome = answer(&request, &mut writer, me, state);
-        state.active.fetch_sub(1, Ordering::SeqCst);
+        // Envoy's health checks are not traffic: they do not show in `active` or `served`.
+        let outcome = if request.path == "/health" {
+            health_answer(&mut writer)
+        } else {
+            state.active.fetch_add(1, Ordering::SeqCst);
+            let outcome = answer(&request, &mut writer, me, state);
+            state.active.fetch_sub(1, Ordering::SeqCst);
+            outcome
+        };
         if outcome.is_err() {
             let _ = writer.shutdown(Shutdown::Both);
             return;
@@ -495,6 +613,7 @@ fn wait_readable(stream: &TcpStream, state: &BackendState) -> bool {
 }
 
 struct Request {
+    path: String,
     headers: HashMap<String, String>,
 }
 
@@ -503,6 +622,7 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
     if reader.read_line(&mut line).ok()? == 0 {
         return None;
     }
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
     let mut headers = HashMap::new();
     loop {
         let mut h = String::new();
@@ -527,7 +647,14 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
         .unwrap_or(0);
     let mut body = vec![0; length];
     reader.read_exact(&mut body).ok()?;
-    Some(Request { headers })
+    Some(Request { path, headers })
+}
+
+/// Health checks pass whatever the traffic gets: an overloaded model server that sheds
+/// requests with 503 typically still answers its health endpoint.
+fn health_answer(out: &mut TcpStream) -> std::io::Result<()> {
+    write!(out, "HTTP/1.1 200 X\r\ncontent-length: 0\r\n\r\n")?;
+    out.flush()
 }
 
 fn answer(
@@ -537,8 +664,22 @@ fn answer(
     state: &BackendState,
 ) -> std::io::Result<()> {
     let header = |name: &str| request.headers.get(name).map(String::as_str);
+    if state.failing.load(Ordering::SeqCst) {
+        write!(
+            out,
+            "HTTP/1.1 503 X\r\nx-served-by: {me}\r\ncontent-length: 0\r\n\r\n"
+        )?;
+        out.flush()?;
+        state.served.fetch_add(1, Ordering::SeqCst);
+        return Ok(());
+    }
     if header("x-test-hold").is_some() {
-        hold(out, state);
+        match hold(out, state) {
+            HoldEnd::Released => {}
+            HoldEnd::PeerGone => return Err(std::io::Error::other("peer gave up")),
+            // A dead process answers nothing: the connection just closes.
+            HoldEnd::Stopped => return Err(std::io::Error::other("backend stopped")),
+        }
     }
     if let Some(ms) = header("x-test-delay-ms").and_then(|v| v.parse().ok()) {
         thread::sleep(Duration::from_millis(ms));
@@ -576,17 +717,30 @@ fn answer(
     Ok(())
 }
 
-/// Blocks until the test releases held requests or the peer (Envoy) closes the connection.
-fn hold(out: &TcpStream, state: &BackendState) {
+enum HoldEnd {
+    Released,
+    /// Envoy gave up on the request (client abort, timeout): nobody to answer.
+    PeerGone,
+    /// The backend was stopped, as if its process died.
+    Stopped,
+}
+
+/// Blocks until the test releases held requests, the peer (Envoy) closes the connection, or the
+/// backend stops.
+fn hold(out: &TcpStream, state: &BackendState) -> HoldEnd {
     let generation = state.held_generation.load(Ordering::SeqCst);
     let _ = out.set_read_timeout(Some(Duration::from_millis(20)));
     let mut byte = [0u8; 1];
-    while state.held_generation.load(Ordering::SeqCst) == generation
-        && !state.stopped.load(Ordering::SeqCst)
-    {
-        // A zero-byte peek means Envoy gave up on this request (client abort, timeout).
+    loop {
+        if state.stopped.load(Ordering::SeqCst) {
+            return HoldEnd::Stopped;
+        }
+        if state.held_generation.load(Ordering::SeqCst) != generation {
+            return HoldEnd::Released;
+        }
+        // A zero-byte peek means Envoy gave up on this request.
         if let Ok(0) = out.peek(&mut byte) {
-            return;
+            return HoldEnd::PeerGone;
         }
     }
 }
