@@ -13,6 +13,9 @@ pub struct HostStatus {
     /// Canonical `ip:port`, the form the header and the table use.
     pub address: String,
     pub healthy: bool,
+    /// Removed from the cluster's configuration (EDS, DNS) but kept by Envoy until its health
+    /// check fails; no longer a member for the filter.
+    pub removed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,11 +38,10 @@ impl fmt::Display for AdminError {
 }
 
 /// Health flags under which Envoy's own load balancers would avoid a host.
-const UNHEALTHY_FLAGS: [&str; 6] = [
+const UNHEALTHY_FLAGS: [&str; 5] = [
     "failed_active_health_check",
     "failed_outlier_check",
     "failed_eds_health",
-    "pending_dynamic_removal",
     "excluded_via_immediate_hc_fail",
     "active_hc_timeout",
 ];
@@ -86,9 +88,14 @@ fn host_status(host: &Value) -> Option<HostStatus> {
         .and_then(|h| h.get("eds_health_status"))
         .and_then(Value::as_str)
         .is_some_and(|s| UNHEALTHY_EDS_STATUSES.contains(&s));
+    let removed = health
+        .and_then(|h| h.get("pending_dynamic_removal"))
+        .and_then(Value::as_bool)
+        == Some(true);
     Some(HostStatus {
         address,
         healthy: !flagged && !eds_unhealthy,
+        removed,
     })
 }
 
@@ -108,6 +115,8 @@ mod tests {
          "health_status":{"eds_health_status":"DRAINING"}},
         {"address":{"socket_address":{"address":"127.0.0.1","port_value":8004}},
          "health_status":{"eds_health_status":"HEALTHY","pending_active_hc":true}},
+        {"address":{"socket_address":{"address":"127.0.0.1","port_value":8005}},
+         "health_status":{"eds_health_status":"HEALTHY","pending_dynamic_removal":true}},
         {"address":{"pipe":{"path":"/tmp/sock"}}}
       ]}]}"#;
 
@@ -116,8 +125,15 @@ mod tests {
         let hosts = cluster_hosts(BODY.as_bytes(), "model_servers").unwrap();
         let view: Vec<(&str, bool)> = hosts
             .iter()
+            .filter(|h| !h.removed)
             .map(|h| (h.address.as_str(), h.healthy))
             .collect();
+        let removed: Vec<&str> = hosts
+            .iter()
+            .filter(|h| h.removed)
+            .map(|h| h.address.as_str())
+            .collect();
+        assert_eq!(removed, vec!["127.0.0.1:8005"]);
         assert_eq!(
             view,
             vec![

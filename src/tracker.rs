@@ -641,7 +641,7 @@ impl PoolTracker {
         hosts: &[HostStatus],
     ) -> Result<ClusterUpdate, TrackerError> {
         let mut wanted: Vec<String> = Vec::with_capacity(hosts.len());
-        for host in hosts {
+        for host in hosts.iter().filter(|h| !h.removed) {
             if !wanted.contains(&host.address) && wanted.len() < MAX_ENDPOINTS {
                 wanted.push(host.address.clone());
             }
@@ -681,7 +681,7 @@ impl PoolTracker {
                 None => current.endpoints().to_vec(),
             };
             for (e, address) in endpoints.iter().enumerate() {
-                let reported = hosts.iter().find(|h| &h.address == address);
+                let reported = hosts.iter().find(|h| &h.address == address && !h.removed);
                 if reported.is_none() {
                     update.missing.push(address.clone());
                 }

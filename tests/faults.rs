@@ -525,3 +525,98 @@ fn absurd_and_repeated_routing_headers_are_neutralised() {
     pool.envoy.wait_for_zero_in_flight(CLUSTER);
     assert_no_corrections(&pool);
 }
+
+/// `model_servers` as an EDS cluster fed from a file, with the filter following its membership
+/// through the admin API.
+fn eds_config(eds_path: &std::path::Path) -> EnvoyConfig {
+    let shipped = EnvoyConfig::shipped().plugin_config(
+        r#"{"cluster": "model_servers", "follow_membership": true, "admin_cluster": "model_lb_admin", "admin_poll_interval_ms": 200, "housekeeping_interval_ms": 200}"#,
+    );
+    let yaml = shipped.yaml();
+    let start = yaml.find("  - name: model_servers\n").unwrap();
+    let end = yaml[start..].find("    # The override_host").unwrap() + start;
+    let eds = format!(
+        "  - name: model_servers\n    type: EDS\n    connect_timeout: 1s\n    eds_cluster_config:\n      eds_config:\n        resource_api_version: V3\n        path_config_source: {{ path: {} }}\n",
+        eds_path.display()
+    );
+    let yaml = format!(
+        "node: {{ id: model-lb-test, cluster: model-lb-test }}\n{}{eds}{}",
+        &yaml[..start],
+        &yaml[end..]
+    );
+    EnvoyConfig::from_yaml(yaml)
+}
+
+fn write_eds(path: &std::path::Path, ports: &[u16]) {
+    let endpoints: String = ports
+        .iter()
+        .map(|p| format!("    - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {p} }} }} }}\n"))
+        .collect();
+    let body = format!(
+        "resources:\n- \"@type\": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment\n  cluster_name: model_servers\n  endpoints:\n  - lb_endpoints:\n{endpoints}"
+    );
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, body).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[test]
+fn a_followed_cluster_membership_adds_and_removes_endpoints_live() {
+    let backends: Vec<Backend> = (0..3).map(|_| Backend::start()).collect();
+    let ports: Vec<u16> = backends.iter().map(Backend::port).collect();
+    let dir = temp_dir("eds");
+    let eds_path = dir.join("eds.yaml");
+    write_eds(&eds_path, &ports[..2]);
+    let envoy = Envoy::start(&eds_config(&eds_path));
+    let pool = Pool { backends, envoy };
+    let endpoints_known = |n: u64| {
+        wait_until(
+            Duration::from_secs(10),
+            "the filter to follow the cluster",
+            || stat(&pool, "endpoints") == n && stat(&pool, "eligible_endpoints") == n,
+        )
+    };
+    endpoints_known(2);
+    let responses: Vec<Response> = (0..20).map(|_| pool.request(&[])).collect();
+    assert!(responses.iter().all(|r| r.status == 200));
+    assert_eq!(served_by(&responses).len(), 2);
+    let mut held = pool.hold(4);
+    assert_eq!(pool.active_per_backend(), vec![2, 2, 0]);
+
+    // A third endpoint appears: LOR fills it first.
+    let joined_at = Instant::now();
+    write_eds(&eds_path, &ports);
+    endpoints_known(3);
+    let joined = joined_at.elapsed();
+    held.extend(pool.hold(2));
+    assert_eq!(pool.active_per_backend(), vec![2, 2, 2]);
+
+    // The first one leaves while holding two requests: nothing new goes to it, its counts go
+    // with it, and the others are untouched.
+    let left_at = Instant::now();
+    write_eds(&eds_path, &ports[1..]);
+    endpoints_known(2);
+    let left = left_at.elapsed();
+    let gone = pool.backends[0].id();
+    let responses: Vec<Response> = (0..20).map(|_| pool.request(&[])).collect();
+    assert!(!served_by(&responses).contains_key(&gone));
+    wait_until(
+        Duration::from_secs(5),
+        "the gauges to show the four remaining requests",
+        || pool.envoy.in_flight(CLUSTER).1 == 4,
+    );
+    pool.release(held);
+    pool.envoy.wait_for_zero_in_flight(CLUSTER);
+    assert_no_corrections(&pool);
+    wait_until(
+        Duration::from_secs(5),
+        "the removed endpoint's two releases to be counted",
+        || stat(&pool, "dropped_releases") == 2,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!(
+        "FIGURE membership: a new EDS endpoint was routable {:.2} s after the EDS update, a removed one dropped after {:.2} s (admin poll every 200 ms)",
+        joined.as_secs_f64(),
+        left.as_secs_f64()
+    );
+}

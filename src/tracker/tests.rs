@@ -171,6 +171,7 @@ fn no_eligible_endpoint_fails_open_without_counting() {
         .map(|address| HostStatus {
             address,
             healthy: false,
+            removed: false,
         })
         .collect();
     t.apply_cluster(&store, &down).unwrap();
@@ -571,6 +572,7 @@ fn host(address: &str, healthy: bool) -> HostStatus {
     HostStatus {
         address: address.to_owned(),
         healthy,
+        removed: false,
     }
 }
 
@@ -727,6 +729,7 @@ fn envoys_health_verdict_and_missing_hosts_exclude_endpoints_until_they_recover(
 
 #[test]
 fn a_followed_membership_tracks_the_cluster_and_keeps_counts_of_endpoints_that_stay() {
+    // (Hosts Envoy keeps only until their health check fails count as gone: see the last step.)
     let store = MemoryStore::new();
     let follow = |seed| {
         let mut t = PoolTracker::with_health(
@@ -791,6 +794,15 @@ fn a_followed_membership_tracks_the_cluster_and_keeps_counts_of_endpoints_that_s
     worker.release(&store, fresh.ticket, Outcome::Success);
     assert_eq!(totals(&store), vec![0, 0]);
 
+    // Envoy keeps a host removed from EDS while it still passes health checks; for the pool
+    // it is gone.
+    let mut draining = host("10.0.0.3:8000", true);
+    draining.removed = true;
+    let update = leader
+        .apply_cluster(&store, &[host("10.0.0.2:8000", true), draining])
+        .unwrap();
+    assert_eq!(update.removed, vec!["10.0.0.3:8000".to_owned()]);
+
     // A VM configured later adopts the followed membership instead of imposing its own list.
     let mut late = PoolTracker::with_health(
         "pool",
@@ -801,5 +813,5 @@ fn a_followed_membership_tracks_the_cluster_and_keeps_counts_of_endpoints_that_s
         1_000,
     );
     assert_eq!(late.install(&store).unwrap(), Install::Adopted);
-    assert_eq!(late.membership().len(), 2);
+    assert_eq!(late.membership().len(), 1);
 }

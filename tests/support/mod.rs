@@ -144,6 +144,10 @@ impl EnvoyConfig {
         &self.yaml
     }
 
+    pub fn from_yaml(yaml: String) -> Self {
+        Self { yaml }
+    }
+
     /// Splits the config into a bootstrap that loads its listeners from `lds_path` (watched by
     /// Envoy, so rewriting it is a live listener update) and that file's contents.
     pub fn with_file_lds(&self, lds_path: &Path) -> (EnvoyConfig, String) {
