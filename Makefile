@@ -11,7 +11,7 @@ SUDO          := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export ENVOY_BIN := $(abspath $(ENVOY))
 
-.PHONY: build sim envoy demo test unit e2e lint fmt clean wasm-target python-venv compose-tool
+.PHONY: build sim envoy demo test unit e2e lint fmt fuzz clean wasm-target python-venv compose-tool
 
 ## build: the filter, target/wasm32-wasip1/release/model_lb.wasm
 build: wasm-target
@@ -40,9 +40,10 @@ python-venv:
 demo: build sim envoy
 	demo/run.sh
 
-## test: lint, native unit tests, and end-to-end tests against a real Envoy
+## test: lint, native unit tests, end-to-end tests against a real Envoy, a short fuzz run
 test: lint build sim envoy compose-tool
 	cargo test --workspace --all-targets
+	$(MAKE) fuzz FUZZ_SECONDS=20
 
 unit:
 	cargo test --workspace --lib --bins
@@ -54,6 +55,14 @@ e2e: build sim envoy compose-tool
 compose-tool:
 	@command -v docker-compose >/dev/null || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq docker-compose; }
+
+## fuzz: the config parser under libFuzzer for FUZZ_SECONDS (default 60); stable Rust, no sanitizer
+FUZZ_SECONDS ?= 60
+fuzz:
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	mkdir -p fuzz/corpus/config
+	cd fuzz && cargo fuzz run --sanitizer none config corpus/config seeds/config -- \
+	  -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -print_final_stats=1
 
 ## lint: rustfmt and clippy -D warnings, native and wasm32
 lint: wasm-target
