@@ -154,7 +154,8 @@ fn from_object(object: &Map<String, Value>) -> Result<Config, ConfigError> {
                 ConfigError::field(
                     "routing_strategy",
                     format!(
-                        "unknown strategy \"{name}\"; expected one of {}",
+                        "unknown strategy \"{}\"; expected one of {}",
+                        truncate(name, 80),
                         Strategy::NAMES.map(|n| format!("\"{n}\"")).join(", ")
                     ),
                 )
@@ -750,6 +751,18 @@ mod tests {
             "{{\"endpoints\": [\"1.1.1.1:1\"], \"cluster\": \"{long}\"}}"
         ));
         assert!(err.to_string().len() < 400);
+        // Both found by the fuzzer: a huge strategy name and a huge unknown field name.
+        for document in [
+            format!("{{\"endpoints\": [\"1.1.1.1:1\"], \"routing_strategy\": \"{long}\"}}"),
+            format!("{{\"endpoints\": [\"1.1.1.1:1\"], \"{long}\": 1}}"),
+        ] {
+            let err = error_of(&document);
+            assert!(
+                err.to_string().len() < 400,
+                "{} bytes",
+                err.to_string().len()
+            );
+        }
     }
 
     #[test]

@@ -104,22 +104,20 @@ pub fn render(rows: &[Row]) -> String {
     }
     out.push('\n');
     type Getter = fn(&Row) -> Option<f64>;
-    let lines: [(&str, Getter, bool); 9] = [
-        ("latency p50 (ms)", |r| r.p50_ms, true),
-        ("latency p90 (ms)", |r| r.p90_ms, true),
-        ("latency p99 (ms)", |r| r.p99_ms, true),
-        ("latency max (ms)", |r| r.max_ms, true),
-        ("TTFT p50 (ms)", |r| r.ttft_p50_ms, true),
-        ("TTFT p99 (ms)", |r| r.ttft_p99_ms, true),
-        (
-            "throughput /instance/min",
-            |r| Some(r.throughput_per_instance_per_min),
-            false,
-        ),
-        ("output tokens/s", |r| Some(r.output_tokens_per_s), false),
-        ("errors", |r| Some(r.errors as f64), true),
+    let lines: [(&str, Getter); 9] = [
+        ("latency p50 (ms)", |r| r.p50_ms),
+        ("latency p90 (ms)", |r| r.p90_ms),
+        ("latency p99 (ms)", |r| r.p99_ms),
+        ("latency max (ms)", |r| r.max_ms),
+        ("TTFT p50 (ms)", |r| r.ttft_p50_ms),
+        ("TTFT p99 (ms)", |r| r.ttft_p99_ms),
+        ("throughput /instance/min", |r| {
+            Some(r.throughput_per_instance_per_min)
+        }),
+        ("output tokens/s", |r| Some(r.output_tokens_per_s)),
+        ("errors", |r| Some(r.errors as f64)),
     ];
-    for (name, get, _lower_is_better) in lines {
+    for (name, get) in lines {
         let _ = write!(out, "{name:<28}");
         for r in rows {
             let _ = write!(out, "{:>width$}", fmt(get(r)));
