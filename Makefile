@@ -11,7 +11,7 @@ SUDO          := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export ENVOY_BIN := $(abspath $(ENVOY))
 
-.PHONY: build sim envoy demo test unit e2e lint fmt fuzz clean wasm-target python-venv compose-tool
+.PHONY: build sim envoy demo bench bench-overhead test unit e2e lint fmt fuzz clean wasm-target python-venv compose-tool wrk-tool
 
 ## build: the filter, target/wasm32-wasip1/release/model_lb.wasm
 build: wasm-target
@@ -40,15 +40,26 @@ python-venv:
 demo: build sim envoy
 	demo/run.sh
 
+## bench: SageMaker's matrix through Envoy, five policies (~12 min) -> bench/results/seed-matrix.*
+bench: build sim envoy
+	target/sim/model-bench matrix
+
+## bench-overhead: proxy CPU per request, model-lb vs Envoy's balancers (~6 min) -> bench/results/overhead.*
+bench-overhead: build sim envoy wrk-tool
+	target/sim/model-bench overhead
+
+wrk-tool:
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
+
 ## test: lint, native unit tests, end-to-end tests against a real Envoy, a short fuzz run
-test: lint build sim envoy compose-tool
+test: lint build sim envoy compose-tool wrk-tool
 	cargo test --workspace --all-targets
 	$(MAKE) fuzz FUZZ_SECONDS=20
 
 unit:
 	cargo test --workspace --lib --bins
 
-e2e: build sim envoy compose-tool
+e2e: build sim envoy compose-tool wrk-tool
 	cargo test -p model-lb --test '*'
 
 # Debian's docker-compose (v1) validates the compose demo without a Docker engine.

@@ -281,6 +281,8 @@ Report:
   --instances K           Instances for per-instance throughput [default: distinct x-served-by seen]
   --label NAME            Name of the run [default: {label}]
   --json FILE             Write the report as JSON to FILE
+  --samples FILE          Write every request (warm-up included) as JSON lines to FILE,
+                          for pooling percentiles over several runs
   --quiet                 No progress line on stderr (it is also off when stderr is not a TTY)
   --fail-on-errors        Exit 1 if any request failed (warm-up included)
   --threads N             Tokio worker threads [default: {threads}]
@@ -390,6 +392,7 @@ where
             Long("instances") => c.instances = Some(int_min(&mut p, "instances", 1usize)?),
             Long("label") => c.label = raw(&mut p, "label")?,
             Long("json") => c.json = Some(raw(&mut p, "json")?.into()),
+            Long("samples") => c.samples = Some(raw(&mut p, "samples")?.into()),
             Long("quiet") => c.quiet = true,
             Long("fail-on-errors") => c.fail_on_errors = true,
             Long("threads") => c.threads = int_min(&mut p, "threads", 1usize)?,
@@ -598,6 +601,8 @@ mod tests {
             "5",
             "--json",
             "/tmp/r.json",
+            "--samples",
+            "/tmp/r.jsonl",
             "--label",
             "lor",
             "--quiet",
@@ -613,6 +618,7 @@ mod tests {
         assert_eq!(c.target.port, 9);
         assert_eq!(c.api, Api::Completions);
         assert!(c.stream && c.quiet && c.fail_on_errors);
+        assert_eq!(c.samples, Some(std::path::PathBuf::from("/tmp/r.jsonl")));
         assert_eq!(
             c.headers,
             vec![

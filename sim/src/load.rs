@@ -108,6 +108,8 @@ pub struct LoadConfig {
     pub instances: Option<usize>,
     pub label: String,
     pub json: Option<PathBuf>,
+    /// Write every request's measurements (warm-up included) as JSON lines.
+    pub samples: Option<PathBuf>,
     pub quiet: bool,
     pub fail_on_errors: bool,
     pub threads: usize,
@@ -145,6 +147,7 @@ impl Default for LoadConfig {
             instances: None,
             label: "run".into(),
             json: None,
+            samples: None,
             quiet: false,
             fail_on_errors: false,
             threads: 1,
@@ -216,6 +219,9 @@ pub struct Record {
     pub error: Option<ErrorKind>,
     /// Started before the warm-up ended: excluded from statistics.
     pub warmup: bool,
+    /// What was asked: prompt length in tokens and `max_tokens` (None: server decides).
+    pub prompt_tokens: u64,
+    pub max_tokens: Option<u64>,
 }
 
 /// Incremental parser for an OpenAI SSE stream.
@@ -507,7 +513,8 @@ impl Shared {
     }
 
     /// Sends one request and measures it. Never panics; always returns a record.
-    async fn execute(&self, conn: &mut Option<Conn>, body: Bytes) -> Record {
+    async fn execute(&self, conn: &mut Option<Conn>, spec: RequestSpec) -> Record {
+        let body = request_body(&self.cfg, &spec);
         let start = Instant::now();
         let warmup = start < self.measure_start;
         self.live.inflight.fetch_add(1, Ordering::Relaxed);
@@ -543,6 +550,8 @@ impl Shared {
             backend: p.backend,
             error,
             warmup,
+            prompt_tokens: spec.prompt_tokens,
+            max_tokens: spec.max_tokens,
         }
     }
 
@@ -577,9 +586,7 @@ async fn user_loop(shared: Arc<Shared>, user: usize) -> Vec<Record> {
             break;
         }
         let spec = RequestSpec::draw(&shared.cfg, &mut rng);
-        let rec = shared
-            .execute(&mut conn, request_body(&shared.cfg, &spec))
-            .await;
+        let rec = shared.execute(&mut conn, spec).await;
         let connect_failed = rec.error == Some(ErrorKind::Connect);
         out.push(rec);
         if connect_failed {
@@ -634,10 +641,11 @@ async fn open_loop(shared: Arc<Shared>, rate: f64) -> Vec<Record> {
                 backend: None,
                 error: Some(ErrorKind::Dropped),
                 warmup: next < shared.measure_start,
+                prompt_tokens: spec.prompt_tokens,
+                max_tokens: spec.max_tokens,
             });
             continue;
         }
-        let body = request_body(&shared.cfg, &spec);
         let shared = Arc::clone(&shared);
         let pool = Arc::clone(&pool);
         tasks.spawn(async move {
@@ -645,7 +653,7 @@ async fn open_loop(shared: Arc<Shared>, rate: f64) -> Vec<Record> {
                 Ok(mut p) => p.pop(),
                 Err(_) => None,
             };
-            let rec = shared.execute(&mut conn, body).await;
+            let rec = shared.execute(&mut conn, spec).await;
             if let (Some(c), Ok(mut p)) = (conn, pool.lock()) {
                 p.push(c);
             }

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::load::{LoadConfig, Record};
 use crate::openai::Api;
@@ -177,6 +177,61 @@ pub fn build_report(
     }
 }
 
+/// One line of `model-load --samples FILE` (JSON lines, one per request, warm-up included), so
+/// that several runs can be pooled into one percentile. Times are ms from the start of the run;
+/// the measurement window is `[warmup_s, warmup_s + duration_s]` of the JSON report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub start_ms: f64,
+    pub end_ms: f64,
+    pub latency_ms: f64,
+    /// Time to the first content chunk (streaming only).
+    pub ttft_ms: Option<f64>,
+    /// Output tokens received.
+    pub tokens: u64,
+    pub prompt_tokens: u64,
+    pub max_tokens: Option<u64>,
+    pub status: Option<u16>,
+    /// Error kind as in the report's `errors` (`None`: success).
+    pub error: Option<String>,
+    /// Started during the warm-up (not measured).
+    pub warmup: bool,
+    pub backend: Option<String>,
+}
+
+impl Sample {
+    pub fn of(r: &Record) -> Sample {
+        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        Sample {
+            start_ms: ms(r.start),
+            end_ms: ms(r.end),
+            latency_ms: r.latency_ms,
+            ttft_ms: r.ttft_ms,
+            tokens: r.tokens,
+            prompt_tokens: r.prompt_tokens,
+            max_tokens: r.max_tokens,
+            status: r.status,
+            error: r.error.map(|e| e.key()),
+            warmup: r.warmup,
+            backend: r.backend.clone(),
+        }
+    }
+}
+
+/// Every record as JSON lines (`--samples`), in start order.
+pub fn samples_jsonl(records: &[Record]) -> String {
+    let mut sorted: Vec<&Record> = records.iter().collect();
+    sorted.sort_by_key(|r| r.start);
+    let mut out = String::new();
+    for r in sorted {
+        if let Ok(line) = serde_json::to_string(&Sample::of(r)) {
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 fn opt(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_string(), |x| format!("{x:.1}"))
 }
@@ -267,6 +322,7 @@ pub fn render_table(r: &Report) -> String {
 mod tests {
     use super::*;
     use crate::load::ErrorKind;
+    use serde_json::Value;
 
     fn rec(
         start_ms: u64,
@@ -289,6 +345,8 @@ mod tests {
             backend: backend.map(str::to_string),
             error,
             warmup,
+            prompt_tokens: 32,
+            max_tokens: Some(10),
         }
     }
 
@@ -429,5 +487,37 @@ mod tests {
         ] {
             assert!(t.contains(needle), "{needle} not in\n{t}");
         }
+    }
+
+    #[test]
+    fn samples_are_json_lines_in_start_order() {
+        let mut records = sample();
+        records.reverse();
+        let text = samples_jsonl(&records);
+        let lines: Vec<Sample> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), records.len());
+        assert!(lines.windows(2).all(|w| w[0].start_ms <= w[1].start_ms));
+        assert!(lines[0].warmup && !lines[1].warmup);
+        let failed = lines
+            .iter()
+            .find(|s| s.error.as_deref() == Some("status_503"))
+            .unwrap();
+        assert_eq!(
+            (failed.status, failed.backend.as_deref()),
+            (Some(503), None)
+        );
+        assert_eq!(
+            (lines[1].prompt_tokens, lines[1].max_tokens),
+            (32, Some(10))
+        );
+        assert_eq!(lines[1].start_ms, 1000.0);
+        assert!(lines
+            .iter()
+            .any(|s| (s.start_ms, s.end_ms) == (1000.0, 1100.0)));
+        let keys = serde_json::from_str::<Value>(text.lines().next().unwrap()).unwrap();
+        assert_eq!(keys.as_object().unwrap().len(), 11);
     }
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use model_sim::cli::{load_help, parse_load_args, Parsed};
 use model_sim::load::run;
-use model_sim::report::render_table;
+use model_sim::report::{render_table, samples_jsonl};
 
 fn main() -> ExitCode {
     let mut cfg = match parse_load_args(std::env::args_os().skip(1)) {
@@ -36,6 +36,7 @@ fn main() -> ExitCode {
         }
     };
     let json_path = cfg.json.clone();
+    let samples_path = cfg.samples.clone();
     let fail_on_errors = cfg.fail_on_errors;
     let out = match runtime.block_on(run(cfg)) {
         Ok(o) => o,
@@ -55,6 +56,12 @@ fn main() -> ExitCode {
         };
         if let Err(e) = std::fs::write(&path, text + "\n") {
             eprintln!("model-load: error: --json {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    if let Some(path) = samples_path {
+        if let Err(e) = std::fs::write(&path, samples_jsonl(&out.records)) {
+            eprintln!("model-load: error: --samples {}: {e}", path.display());
             return ExitCode::FAILURE;
         }
     }

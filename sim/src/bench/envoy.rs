@@ -1,0 +1,416 @@
+//! Envoy configurations, generated as JSON (Envoy reads JSON as YAML). Everything listens on
+//! 127.0.0.1 port 0; the caller learns the ports from the admin API (`--admin-address-path`,
+//! `/listeners?format=json`).
+
+use serde_json::{json, Value};
+
+use super::Policy;
+
+/// The header model-lb writes and the override_host policy reads.
+pub const ENDPOINT_HEADER: &str = "x-gateway-destination-endpoint";
+
+const HCM: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+const LEAST_REQUEST: &str =
+    "type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest";
+
+/// One listener of a generated config: its name (also its cluster's and, with the filter, the
+/// plugin's `cluster`), its policy, and extra fields for the plugin configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Variant {
+    pub name: String,
+    pub policy: Policy,
+    pub plugin_extra: serde_json::Map<String, Value>,
+}
+
+impl Variant {
+    pub fn of(policy: Policy) -> Self {
+        Self {
+            name: policy.id().to_owned(),
+            policy,
+            plugin_extra: serde_json::Map::new(),
+        }
+    }
+}
+
+fn endpoint_list(ports: &[u16]) -> Vec<String> {
+    ports.iter().map(|p| format!("127.0.0.1:{p}")).collect()
+}
+
+/// The model-lb plugin configuration of a listener.
+pub fn plugin_config(variant: &Variant, ports: &[u16]) -> Value {
+    let strategy = match variant.policy {
+        Policy::ModelLbRandom => "RANDOM",
+        _ => "LEAST_OUTSTANDING_REQUESTS",
+    };
+    let mut config = serde_json::Map::new();
+    config.insert("routing_strategy".into(), json!(strategy));
+    config.insert("cluster".into(), json!(variant.name));
+    config.insert("endpoints".into(), json!(endpoint_list(ports)));
+    config.insert("endpoint_header".into(), json!(ENDPOINT_HEADER));
+    for (k, v) in &variant.plugin_extra {
+        config.insert(k.clone(), v.clone());
+    }
+    Value::Object(config)
+}
+
+fn listener(variant: &Variant, wasm: &str, ports: &[u16]) -> Value {
+    let mut filters = Vec::new();
+    if variant.policy.uses_filter() {
+        filters.push(json!({
+            "name": "model_lb",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                "config": {
+                    "name": format!("model_lb_{}", variant.name),
+                    "root_id": "model_lb",
+                    "fail_open": false,
+                    "vm_config": {
+                        "vm_id": "model_lb",
+                        "runtime": "envoy.wasm.runtime.v8",
+                        "code": {"local": {"filename": wasm}}
+                    },
+                    "configuration": {
+                        "@type": "type.googleapis.com/google.protobuf.StringValue",
+                        "value": plugin_config(variant, ports).to_string()
+                    }
+                }
+            }
+        }));
+    }
+    filters.push(json!({"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}));
+    json!({
+        "name": variant.name,
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": HCM,
+                "stat_prefix": variant.name,
+                "stream_idle_timeout": "300s",
+                "route_config": {"virtual_hosts": [{
+                    "name": "models",
+                    "domains": ["*"],
+                    "routes": [{
+                        "match": {"prefix": "/"},
+                        "route": {
+                            "cluster": variant.name,
+                            "timeout": "0s",
+                            "retry_policy": {
+                                "retry_on": "connect-failure,reset-before-request",
+                                "num_retries": 2
+                            }
+                        }
+                    }]
+                }]},
+                "http_filters": filters
+            }
+        }]}]
+    })
+}
+
+/// The cluster's `load_balancing_policy` for a policy.
+pub fn lb_policy(policy: Policy) -> Value {
+    let (name, config) = match policy {
+        Policy::ModelLbLor | Policy::ModelLbRandom => (
+            "envoy.load_balancing_policies.override_host",
+            json!({
+                "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost",
+                "override_host_sources": [{"header": ENDPOINT_HEADER}],
+                "fallback_policy": {"policies": [{"typed_extension_config": {
+                    "name": "envoy.load_balancing_policies.least_request",
+                    "typed_config": {"@type": LEAST_REQUEST}
+                }}]}
+            }),
+        ),
+        Policy::RoundRobin => (
+            "envoy.load_balancing_policies.round_robin",
+            json!({"@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin"}),
+        ),
+        Policy::LeastRequest => (
+            "envoy.load_balancing_policies.least_request",
+            json!({"@type": LEAST_REQUEST}),
+        ),
+        Policy::LeastRequestFullScan => (
+            "envoy.load_balancing_policies.least_request",
+            json!({"@type": LEAST_REQUEST, "selection_method": "FULL_SCAN"}),
+        ),
+    };
+    json!({"policies": [{"typed_extension_config": {"name": name, "typed_config": config}}]})
+}
+
+fn cluster(variant: &Variant, ports: &[u16]) -> Value {
+    let endpoints: Vec<Value> = ports
+        .iter()
+        .map(|p| json!({"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}))
+        .collect();
+    json!({
+        "name": variant.name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        // Envoy's default limits (1024) must never be what limits a run.
+        "circuit_breakers": {"thresholds": [{
+            "max_connections": 100000, "max_pending_requests": 100000, "max_requests": 100000
+        }]},
+        "load_assignment": {"cluster_name": variant.name, "endpoints": [{"lb_endpoints": endpoints}]},
+        "load_balancing_policy": lb_policy(variant.policy)
+    })
+}
+
+fn admin() -> Value {
+    json!({"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}})
+}
+
+/// One Envoy with a listener and a cluster per variant, all over the same endpoints.
+pub fn proxy_config(wasm: &str, ports: &[u16], variants: &[Variant]) -> Value {
+    json!({
+        "static_resources": {
+            "listeners": variants.iter().map(|v| listener(v, wasm, ports)).collect::<Vec<_>>(),
+            "clusters": variants.iter().map(|v| cluster(v, ports)).collect::<Vec<_>>(),
+        },
+        "admin": admin()
+    })
+}
+
+/// The matrix's Envoy: one listener per policy, default plugin settings.
+pub fn matrix_config(wasm: &str, ports: &[u16], policies: &[Policy]) -> Value {
+    let variants: Vec<Variant> = policies.iter().map(|&p| Variant::of(p)).collect();
+    proxy_config(wasm, ports, &variants)
+}
+
+/// The overhead benchmark's variants: Envoy alone (ROUND_ROBIN, LEAST_REQUEST), model-lb
+/// RANDOM and LOR with default settings, and LOR without passive health (which reads two
+/// properties per request in `on_log`): where the filter's cost goes.
+pub fn overhead_variants() -> Vec<Variant> {
+    let mut no_passive = Variant::of(Policy::ModelLbLor);
+    no_passive.name = "mlb_lor_no_passive".into();
+    no_passive
+        .plugin_extra
+        .insert("passive_health".into(), json!(false));
+    vec![
+        Variant::of(Policy::RoundRobin),
+        Variant::of(Policy::LeastRequest),
+        Variant::of(Policy::ModelLbRandom),
+        Variant::of(Policy::ModelLbLor),
+        no_passive,
+    ]
+}
+
+/// A backend that answers every request at once with a 2-byte 200 (`direct_response`), on
+/// `count` listeners of one process: 256 endpoints cost one process.
+pub fn fast_backend_config(count: u32) -> Value {
+    let listeners: Vec<Value> = (0..count)
+        .map(|i| {
+            json!({
+                "name": format!("b{i}"),
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": HCM,
+                        "stat_prefix": "b",
+                        "route_config": {"virtual_hosts": [{
+                            "name": "b",
+                            "domains": ["*"],
+                            "routes": [{
+                                "match": {"prefix": "/"},
+                                "direct_response": {"status": 200, "body": {"inline_string": "ok"}}
+                            }]
+                        }]},
+                        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}]
+                    }
+                }]}]
+            })
+        })
+        .collect();
+    json!({"static_resources": {"listeners": listeners}, "admin": admin()})
+}
+
+/// `(name, "ip:port")` of every listener in an admin `/listeners?format=json` answer.
+pub fn listener_addresses(listeners_json: &Value) -> Vec<(String, String)> {
+    listeners_json["listener_statuses"]
+        .as_array()
+        .map(|all| {
+            all.iter()
+                .filter_map(|l| {
+                    let a = &l["local_address"]["socket_address"];
+                    Some((
+                        l["name"].as_str()?.to_owned(),
+                        format!("{}:{}", a["address"].as_str()?, a["port_value"].as_u64()?),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listener_of<'a>(config: &'a Value, name: &str) -> &'a Value {
+        config["static_resources"]["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == name)
+            .unwrap()
+    }
+
+    fn cluster_of<'a>(config: &'a Value, name: &str) -> &'a Value {
+        config["static_resources"]["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap()
+    }
+
+    fn http_filters(listener: &Value) -> &Vec<Value> {
+        listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+            .as_array()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_matrix_config_has_a_listener_and_a_cluster_per_policy() {
+        let config = matrix_config("/x/model_lb.wasm", &[8001, 8002], &Policy::ALL);
+        let listeners = config["static_resources"]["listeners"].as_array().unwrap();
+        let clusters = config["static_resources"]["clusters"].as_array().unwrap();
+        assert_eq!((listeners.len(), clusters.len()), (5, 5));
+        for p in Policy::ALL {
+            let l = listener_of(&config, p.id());
+            assert_eq!(l["address"]["socket_address"]["port_value"], 0);
+            assert_eq!(l["address"]["socket_address"]["address"], "127.0.0.1");
+            let route = &l["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
+                ["virtual_hosts"][0]["routes"][0]["route"];
+            assert_eq!(route["cluster"], p.id(), "each policy has its own cluster");
+            let filters = http_filters(l);
+            assert_eq!(filters.len(), if p.uses_filter() { 2 } else { 1 });
+            assert_eq!(filters.last().unwrap()["name"], "envoy.filters.http.router");
+            let c = cluster_of(&config, p.id());
+            let hosts = c["load_assignment"]["endpoints"][0]["lb_endpoints"]
+                .as_array()
+                .unwrap();
+            assert_eq!(hosts.len(), 2);
+            assert_eq!(
+                hosts[1]["endpoint"]["address"]["socket_address"]["port_value"],
+                8002
+            );
+        }
+        assert_eq!(
+            config["admin"]["address"]["socket_address"]["port_value"],
+            0
+        );
+    }
+
+    #[test]
+    fn each_policy_gets_its_balancer() {
+        let config = matrix_config("/x.wasm", &[1], &Policy::ALL);
+        let lb = |p: Policy| {
+            cluster_of(&config, p.id())["load_balancing_policy"]["policies"][0]
+                ["typed_extension_config"]
+                .clone()
+        };
+        assert_eq!(
+            lb(Policy::ModelLbLor)["name"],
+            "envoy.load_balancing_policies.override_host"
+        );
+        assert_eq!(
+            lb(Policy::ModelLbRandom)["typed_config"]["override_host_sources"][0]["header"],
+            ENDPOINT_HEADER
+        );
+        assert_eq!(
+            lb(Policy::RoundRobin)["name"],
+            "envoy.load_balancing_policies.round_robin"
+        );
+        assert!(lb(Policy::LeastRequest)["typed_config"]
+            .get("selection_method")
+            .is_none());
+        assert_eq!(
+            lb(Policy::LeastRequestFullScan)["typed_config"]["selection_method"],
+            "FULL_SCAN"
+        );
+    }
+
+    #[test]
+    fn the_plugin_configuration_names_its_own_cluster_and_strategy() {
+        let config = matrix_config("/x/model_lb.wasm", &[8001, 8002], &Policy::ALL);
+        let plugin = |p: Policy| {
+            let f = &http_filters(listener_of(&config, p.id()))[0];
+            assert_eq!(
+                f["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"],
+                "/x/model_lb.wasm"
+            );
+            assert_eq!(
+                f["typed_config"]["config"]["vm_config"]["vm_id"],
+                "model_lb"
+            );
+            let text = f["typed_config"]["config"]["configuration"]["value"]
+                .as_str()
+                .unwrap();
+            serde_json::from_str::<Value>(text).unwrap()
+        };
+        let lor = plugin(Policy::ModelLbLor);
+        assert_eq!(lor["routing_strategy"], "LEAST_OUTSTANDING_REQUESTS");
+        assert_eq!(lor["cluster"], "mlb_lor");
+        assert_eq!(
+            lor["endpoints"],
+            json!(["127.0.0.1:8001", "127.0.0.1:8002"])
+        );
+        let random = plugin(Policy::ModelLbRandom);
+        assert_eq!(random["routing_strategy"], "RANDOM");
+        assert_eq!(random["cluster"], "mlb_random", "counts never mix");
+    }
+
+    #[test]
+    fn overhead_variants_include_lor_without_passive_health() {
+        let variants = overhead_variants();
+        let names: Vec<&str> = variants.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "round_robin",
+                "least_request",
+                "mlb_random",
+                "mlb_lor",
+                "mlb_lor_no_passive"
+            ]
+        );
+        let plugin = plugin_config(&variants[4], &[9]);
+        assert_eq!(plugin["passive_health"], false);
+        assert_eq!(plugin["cluster"], "mlb_lor_no_passive");
+        let config = proxy_config("/w", &[9], &variants);
+        assert_eq!(
+            config["static_resources"]["listeners"]
+                .as_array()
+                .unwrap()
+                .len(),
+            5
+        );
+    }
+
+    #[test]
+    fn the_fast_backend_answers_on_every_listener() {
+        let config = fast_backend_config(256);
+        let listeners = config["static_resources"]["listeners"].as_array().unwrap();
+        assert_eq!(listeners.len(), 256);
+        let route = &listeners[255]["filter_chains"][0]["filters"][0]["typed_config"]
+            ["route_config"]["virtual_hosts"][0]["routes"][0];
+        assert_eq!(route["direct_response"]["status"], 200);
+    }
+
+    #[test]
+    fn listener_addresses_come_from_the_admin_api() {
+        let answer = json!({"listener_statuses": [
+            {"name": "mlb_lor", "local_address": {"socket_address": {"address": "127.0.0.1", "port_value": 41000}}},
+            {"name": "broken"}
+        ]});
+        assert_eq!(
+            listener_addresses(&answer),
+            vec![("mlb_lor".to_owned(), "127.0.0.1:41000".to_owned())]
+        );
+        assert!(listener_addresses(&json!({})).is_empty());
+    }
+}

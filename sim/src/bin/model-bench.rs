@@ -1,0 +1,777 @@
+//! `model-bench matrix|overhead [options]`: the benchmarks behind `make bench` and
+//! `make bench-overhead`. Starts every process it needs on loopback (simulated servers or a fast
+//! backend, Envoy, the load tool or wrk) and stops them all, also when it fails. The arithmetic
+//! and the reports live in `model_sim::bench`; this file only runs processes and measures them.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use model_sim::bench::envoy::{
+    fast_backend_config, listener_addresses, matrix_config, overhead_variants, proxy_config,
+};
+use model_sim::bench::overhead::{self, Measurement, OverheadReport};
+use model_sim::bench::pool::{cells, ideal, Run};
+use model_sim::bench::procstat::{machine_ticks, process_ticks, Busiest, Series, Usage};
+use model_sim::bench::render::{self, Machine, MatrixReport};
+use model_sim::bench::{parse_sizes, MatrixParams, Policy};
+use model_sim::report::Sample;
+use serde_json::Value;
+
+const USAGE: &str = "\
+usage: model-bench matrix   [--smoke] [--out DIR] [--sizes 4x1,20x5] [--rounds N]
+                            [--duration SECONDS] [--policies mlb_lor,mlb_random,...]
+       model-bench overhead [--smoke] [--out DIR] [--rounds N] [--seconds N]
+                            [--endpoints 4,256]
+
+matrix:   SageMaker's experiment through Envoy for every policy -> DIR/seed-matrix.{json,md,svg}
+overhead: Envoy CPU per request, model-lb against Envoy's balancers -> DIR/overhead.{json,md}
+DIR defaults to bench/results. Run from the repository root (make bench does).";
+
+/// /proc reports CPU time in USER_HZ, which Linux fixes at 100 for user space.
+const TICKS_PER_SECOND: f64 = 100.0;
+/// How often CPU use is sampled during a run, and the window of the reported peak.
+const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+const PEAK_WINDOW_S: f64 = 1.0;
+
+/// A child process that is stopped (TERM, then KILL) when dropped.
+struct Proc {
+    child: Child,
+    what: String,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        eprintln!("model-bench: {} had to be killed", self.what);
+    }
+}
+
+struct Env {
+    envoy: PathBuf,
+    wasm: PathBuf,
+    sim: PathBuf,
+    work: PathBuf,
+}
+
+impl Env {
+    fn new() -> Result<Self, String> {
+        let root = std::env::current_dir().map_err(|e| e.to_string())?;
+        let envoy = std::env::var_os("ENVOY_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join(".venv/bin/envoy"));
+        let wasm = root.join("target/wasm32-wasip1/release/model_lb.wasm");
+        let sim = std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .parent()
+            .ok_or("no executable directory")?
+            .to_path_buf();
+        for (path, hint) in [(&envoy, "make envoy"), (&wasm, "make build")] {
+            if !path.exists() {
+                return Err(format!(
+                    "{} is missing: run `{hint}` from the repository root (make bench does)",
+                    path.display()
+                ));
+            }
+        }
+        let work = std::env::temp_dir().join(format!("model-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+        Ok(Self {
+            envoy,
+            wasm,
+            sim,
+            work,
+        })
+    }
+
+    fn wasm(&self) -> String {
+        self.wasm.to_string_lossy().into_owned()
+    }
+
+    /// Starts a model server on a free port; returns it and its port.
+    fn server(&self, seed: u64, args: &[String]) -> Result<(Proc, u16), String> {
+        let mut child = Command::new(self.sim.join("model-server"))
+            .args(["--listen", "127.0.0.1:0", "--seed", &seed.to_string()])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("model-server: {e} (run `make sim`)"))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let proc = Proc {
+            child,
+            what: "model-server".into(),
+        };
+        // The server's first line is the address it bound.
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        let port = line
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| format!("model-server said {line:?}"))?;
+        Ok((proc, port))
+    }
+
+    fn write_config(&self, name: &str, config: &Value) -> Result<PathBuf, String> {
+        let path = self.work.join(format!("{name}.json"));
+        std::fs::write(&path, config.to_string()).map_err(|e| e.to_string())?;
+        Ok(path)
+    }
+
+    /// `envoy --mode validate`: every generated configuration is checked before it is used.
+    fn validate(&self, name: &str, config: &Value) -> Result<(), String> {
+        let path = self.write_config(&format!("{name}-validate"), config)?;
+        let output = Command::new(&self.envoy)
+            .args(["--mode", "validate", "-l", "error", "-c"])
+            .arg(&path)
+            .output()
+            .map_err(|e| format!("envoy: {e}"))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "envoy rejected the generated {name} configuration ({}):\n{}{}",
+                path.display(),
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ))
+        }
+    }
+
+    /// Starts Envoy on `config`; returns it with its listeners' addresses by name.
+    fn envoy(
+        &self,
+        name: &str,
+        config: &Value,
+        concurrency: u32,
+    ) -> Result<(Proc, Vec<(String, String)>), String> {
+        let path = self.write_config(name, config)?;
+        let admin_path = self.work.join(format!("{name}.admin"));
+        let _ = std::fs::remove_file(&admin_path);
+        let log_path = self.work.join(format!("{name}.log"));
+        let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
+        let child = Command::new(&self.envoy)
+            .arg("-c")
+            .arg(&path)
+            .args(["--concurrency", &concurrency.to_string()])
+            .args(["--disable-hot-restart", "-l", "warning"])
+            .arg("--admin-address-path")
+            .arg(&admin_path)
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("envoy: {e}"))?;
+        let mut proc = Proc {
+            child,
+            what: format!("envoy {name}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let admin = loop {
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                return Err(format!("envoy {name} exited ({status}):\n{log}"));
+            }
+            if let Ok(text) = std::fs::read_to_string(&admin_path) {
+                let admin = text.trim().to_owned();
+                if http_get(&admin, "/ready").is_some_and(|(status, _)| status == 200) {
+                    break admin;
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("envoy {name} not ready after 60 s"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let (_, body) = http_get(&admin, "/listeners?format=json").ok_or("no /listeners")?;
+        let json: Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+        Ok((proc, listener_addresses(&json)))
+    }
+}
+
+fn address_of(listeners: &[(String, String)], name: &str) -> Result<String, String> {
+    listeners
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, a)| a.clone())
+        .ok_or_else(|| format!("Envoy has no listener {name}"))
+}
+
+/// A minimal HTTP/1.1 GET for Envoy's admin API: (status, body).
+fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: bench\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Some((status, dechunk(body)))
+}
+
+/// Joins the chunks of a chunked body (Envoy's admin answers chunked); a body that is not
+/// chunked comes back as it is.
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            return body.to_owned();
+        };
+        if n == 0 || tail.len() < n {
+            break;
+        }
+        out.push_str(&tail[..n]);
+        rest = tail[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+fn process_cpu_s(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    process_ticks(&stat).map(|t| t as f64 / TICKS_PER_SECOND)
+}
+
+fn machine_cpu_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    machine_ticks(&stat).map(|(busy, _)| busy as f64 / TICKS_PER_SECOND)
+}
+
+/// CPU use of the processes of one run, sampled while it lasts.
+struct CpuWatch {
+    started: Instant,
+    groups: Vec<(String, Vec<u32>, Series)>,
+    machine: Series,
+}
+
+impl CpuWatch {
+    /// `groups`: role and pids; a role with several pids reports its busiest process.
+    fn new(groups: Vec<(String, Vec<u32>)>) -> Self {
+        let mut watch = Self {
+            started: Instant::now(),
+            groups: Vec::new(),
+            machine: Series::default(),
+        };
+        for (role, pids) in groups {
+            for pid in pids {
+                watch
+                    .groups
+                    .push((role.clone(), vec![pid], Series::default()));
+            }
+        }
+        watch.sample();
+        watch
+    }
+
+    fn sample(&mut self) {
+        let t = self.started.elapsed().as_secs_f64();
+        for (_, pids, series) in &mut self.groups {
+            let cpu: f64 = pids.iter().filter_map(|&p| process_cpu_s(p)).sum();
+            series.push(t, cpu);
+        }
+        if let Some(cpu) = machine_cpu_s() {
+            self.machine.push(t, cpu);
+        }
+    }
+
+    /// Waits for `child` to exit, sampling CPU meanwhile.
+    fn wait(&mut self, child: &mut Child) -> Result<std::process::ExitStatus, String> {
+        loop {
+            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+                return Ok(status);
+            }
+            self.sample();
+            std::thread::sleep(SAMPLE_EVERY);
+        }
+    }
+
+    /// The busiest process of `role` (highest run average).
+    fn usage(&self, role: &str) -> Usage {
+        self.groups
+            .iter()
+            .filter(|(r, _, _)| r == role)
+            .map(|(_, _, s)| s.usage(PEAK_WINDOW_S))
+            .fold(
+                Usage::default(),
+                |a, b| if b.average > a.average { b } else { a },
+            )
+    }
+
+    fn total(&self) -> Usage {
+        let mut sum = Usage::default();
+        for (_, _, s) in &self.groups {
+            let u = s.usage(PEAK_WINDOW_S);
+            sum.average += u.average;
+            sum.peak += u.peak;
+        }
+        sum
+    }
+
+    fn machine(&self) -> Usage {
+        self.machine.usage(PEAK_WINDOW_S)
+    }
+}
+
+fn machine() -> Machine {
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let stdout = |cmd: &str, args: &[&str]| {
+        Command::new(cmd)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let envoy = std::env::var("ENVOY_BIN").unwrap_or_else(|_| ".venv/bin/envoy".into());
+    // "envoy  version: <hash>/1.40.0/Clean/RELEASE/BoringSSL"
+    let envoy_version = stdout(&envoy, &["--version"])
+        .and_then(|text| {
+            let after = text.split("version: ").nth(1)?.to_owned();
+            after.split('/').nth(1).map(str::to_owned)
+        })
+        .unwrap_or_else(|| "?".into());
+    let mut commit = stdout("git", &["rev-parse", "--short", "HEAD"]).unwrap_or_default();
+    if stdout("git", &["status", "--porcelain", "--untracked-files=no"])
+        .is_some_and(|s| !s.is_empty())
+    {
+        commit.push_str(" (with local changes)");
+    }
+    Machine {
+        date: stdout("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default(),
+        nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model,
+        envoy_version,
+        commit,
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::write(dir.join(name), text).map_err(|e| format!("{}: {e}", dir.join(name).display()))
+}
+
+fn read_samples(path: &Path) -> Result<Vec<Sample>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).map_err(|e| format!("{}: {e}", path.display())))
+        .collect()
+}
+
+fn matrix(env: &Env, params: &MatrixParams, smoke: bool, out: &Path) -> Result<(), String> {
+    let started = Instant::now();
+    let server_args = params.server.args();
+    let mut runs = Vec::new();
+    let mut busiest = Busiest::default();
+    let total_runs = params.sizes.len() * params.policies.len() * params.rounds as usize;
+    let mut done = 0;
+    for (size_index, &(users, instances)) in params.sizes.iter().enumerate() {
+        let mut servers = Vec::new();
+        let mut ports = Vec::new();
+        for i in 0..instances {
+            let (proc, port) = env.server(1000 + u64::from(i), &server_args)?;
+            servers.push(proc);
+            ports.push(port);
+        }
+        let config = matrix_config(&env.wasm(), &ports, &params.policies);
+        env.validate("matrix", &config)?;
+        let (envoy, listeners) = env.envoy("matrix", &config, params.envoy_concurrency)?;
+        for round in 0..params.rounds {
+            for policy in params.order(size_index, round) {
+                let address = address_of(&listeners, policy.id())?;
+                let samples_path = env.work.join("samples.jsonl");
+                let _ = std::fs::remove_file(&samples_path);
+                let mut load = Command::new(env.sim.join("model-load"))
+                    .args(["--url", &format!("http://{address}")])
+                    .args(params.load_args(users, instances, round))
+                    .args(["--label", policy.id()])
+                    .arg("--samples")
+                    .arg(&samples_path)
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .map_err(|e| format!("model-load: {e} (run `make sim`)"))?;
+                let mut watch = CpuWatch::new(vec![
+                    (render::LOAD.into(), vec![load.id()]),
+                    (render::ENVOY.into(), vec![envoy.pid()]),
+                    (
+                        render::SERVER.into(),
+                        servers.iter().map(Proc::pid).collect(),
+                    ),
+                ]);
+                let status = watch.wait(&mut load)?;
+                if !status.success() {
+                    return Err(format!(
+                        "model-load against {} failed ({status})",
+                        policy.id()
+                    ));
+                }
+                for role in [render::LOAD, render::ENVOY, render::SERVER] {
+                    busiest.record(role, &watch.usage(role));
+                }
+                let machine = watch.machine();
+                let ours = watch.total();
+                busiest.record(render::MACHINE, &machine);
+                busiest.record(
+                    render::OTHERS,
+                    &Usage {
+                        average: (machine.average - ours.average).max(0.0),
+                        peak: (machine.peak - ours.peak).max(0.0),
+                    },
+                );
+                let run = Run {
+                    policy,
+                    users,
+                    instances,
+                    round,
+                    samples: read_samples(&samples_path)?,
+                    warmup_s: params.warmup_s,
+                    duration_s: params.duration_s,
+                };
+                done += 1;
+                let one = cells(
+                    std::slice::from_ref(&run),
+                    &[(users, instances)],
+                    &[policy],
+                    &params.server.timing(),
+                    params.server.max_batch as usize,
+                );
+                if let Some(c) = one.first() {
+                    let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
+                    eprintln!(
+                        "[{done:>2}/{total_runs}] {users:>3} users {instances:>2} instances round {round}  {:<36} p50 {:>5} ms  p99 {:>5} ms  ttft p99 {:>5} ms  {:>6.1}/instance/min  errors {}",
+                        policy.name(),
+                        ms(c.stats.p50_ms),
+                        ms(c.stats.p99_ms),
+                        ms(c.stats.ttft_p99_ms),
+                        c.stats.throughput_per_instance_per_min,
+                        c.stats.errors
+                    );
+                }
+                runs.push(run);
+            }
+        }
+        drop(envoy);
+        drop(servers);
+    }
+    let timing = params.server.timing();
+    let max_batch = params.server.max_batch as usize;
+    let cells = cells(&runs, &params.sizes, &params.policies, &timing, max_batch);
+    let ideal = ideal(&runs, &timing, max_batch);
+    let report = MatrixReport {
+        params: params.clone(),
+        cells,
+        ideal,
+        machine: machine(),
+        busiest,
+        validation: "Every generated configuration passed `envoy --mode validate` first.".into(),
+        elapsed_s: started.elapsed().as_secs_f64(),
+        smoke,
+    };
+    let md = render::markdown(&report);
+    write(out, "seed-matrix.json", &render::json(&report.cells))?;
+    write(out, "seed-matrix.md", &md)?;
+    let title = format!(
+        "model-lb vs Envoy balancers, closed loop, 4 users/instance ({})",
+        report.machine.date
+    );
+    write(
+        out,
+        "seed-matrix.svg",
+        &render::svg(
+            &report.cells,
+            &params.policies,
+            report.ideal.as_ref(),
+            &title,
+        ),
+    )?;
+    println!("{md}");
+    eprintln!(
+        "model-bench: wrote {}/seed-matrix.{{json,md,svg}}",
+        out.display()
+    );
+    Ok(())
+}
+
+struct OverheadParams {
+    rounds: u32,
+    seconds: u32,
+    endpoints: Vec<u32>,
+}
+
+fn overhead(env: &Env, params: &OverheadParams, smoke: bool, out: &Path) -> Result<(), String> {
+    let started = Instant::now();
+    let variants = overhead_variants();
+    let names: Vec<String> = variants.iter().map(|v| v.name.clone()).collect();
+    let mut measurements = Vec::new();
+    for &endpoints in &params.endpoints {
+        let backend_config = fast_backend_config(endpoints);
+        env.validate("backend", &backend_config)?;
+        let (backend, backend_listeners) = env.envoy("backend", &backend_config, 1)?;
+        let ports: Vec<u16> = backend_listeners
+            .iter()
+            .filter_map(|(_, a)| a.rsplit(':').next()?.parse().ok())
+            .collect();
+        if ports.len() != endpoints as usize {
+            return Err(format!(
+                "the backend listens on {} ports, not {endpoints}",
+                ports.len()
+            ));
+        }
+        let proxy_config = proxy_config(&env.wasm(), &ports, &variants);
+        env.validate("proxy", &proxy_config)?;
+        let (proxy, listeners) = env.envoy("proxy", &proxy_config, 1)?;
+        // Round 0 warms connections, caches and the wasm JIT up and is not counted.
+        for round in 0..=params.rounds {
+            let mut order: Vec<usize> = (0..variants.len()).collect();
+            // Alternate the direction so no variant always runs right after another.
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for i in order {
+                let name = &variants[i].name;
+                let url = format!("http://{}/", address_of(&listeners, name)?);
+                let seconds = if round == 0 { 1 } else { params.seconds };
+                let before = process_cpu_s(proxy.pid()).unwrap_or(0.0);
+                let mut wrk = Command::new("wrk")
+                    .args(["-t1", "-c16", "--latency", "-d"])
+                    .arg(format!("{seconds}s"))
+                    .arg(&url)
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .map_err(|e| format!("wrk: {e} (make bench-overhead installs it)"))?;
+                let mut watch = CpuWatch::new(vec![
+                    ("proxy".into(), vec![proxy.pid()]),
+                    ("backend".into(), vec![backend.pid()]),
+                    ("wrk".into(), vec![wrk.id()]),
+                ]);
+                watch.wait(&mut wrk)?;
+                let proxy_cpu_s = process_cpu_s(proxy.pid()).unwrap_or(0.0) - before;
+                let mut text = String::new();
+                if let Some(mut stdout) = wrk.stdout.take() {
+                    let _ = stdout.read_to_string(&mut text);
+                }
+                let (requests, requests_per_s, p50_ms, p99_ms, errors) = overhead::parse_wrk(&text)
+                    .ok_or_else(|| format!("cannot read wrk output:\n{text}"))?;
+                if round == 0 {
+                    continue;
+                }
+                let m = Measurement {
+                    variant: name.clone(),
+                    endpoints,
+                    round,
+                    requests,
+                    requests_per_s,
+                    p50_ms,
+                    p99_ms,
+                    proxy_cpu_s,
+                    proxy: watch.usage("proxy"),
+                    backend: watch.usage("backend"),
+                    load: watch.usage("wrk"),
+                    errors,
+                };
+                eprintln!(
+                    "{endpoints:>3} endpoints round {round} {name:<20} {requests_per_s:>8.0} req/s  {:>5.1} µs/request  errors {errors}",
+                    m.cpu_us_per_request()
+                );
+                measurements.push(m);
+            }
+        }
+        drop(proxy);
+        drop(backend);
+    }
+    let report = OverheadReport {
+        rows: overhead::rows(&measurements, &names, &params.endpoints),
+        measurements,
+        machine_line: machine().line(),
+        method: format!(
+            "Method: one Envoy with `--concurrency 1` (the proxy) holds one listener and cluster per variant over the same endpoints: {} listeners of a second Envoy that answers 200 at once (`direct_response`). `wrk -t1 -c16 --latency` runs {} s per variant; {} rounds after an uncounted warm-up round, variants in alternating order. CPU per request is the proxy's user + system time over the run (`/proc/<pid>/stat`) divided by the requests wrk completed; the ratio to LEAST_REQUEST is taken per round, then the median. mlb_lor_no_passive is LOR with `\"passive_health\": false`.",
+            params
+                .endpoints
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(" or "),
+            params.seconds,
+            params.rounds
+        ),
+        elapsed_s: started.elapsed().as_secs_f64(),
+        smoke,
+    };
+    let md = overhead::markdown(&report);
+    write(
+        out,
+        "overhead.json",
+        &(serde_json::to_string_pretty(&report.rows).map_err(|e| e.to_string())? + "\n"),
+    )?;
+    write(out, "overhead.md", &md)?;
+    println!("{md}");
+    eprintln!("model-bench: wrote {}/overhead.{{json,md}}", out.display());
+    Ok(())
+}
+
+/// Parsed command line.
+struct Args {
+    command: String,
+    smoke: bool,
+    out: PathBuf,
+    options: Vec<(String, String)>,
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
+    let command = args.next().ok_or(USAGE)?;
+    if command == "-h" || command == "--help" {
+        return Err(USAGE.into());
+    }
+    let mut parsed = Args {
+        command,
+        smoke: false,
+        out: PathBuf::from("bench/results"),
+        options: Vec::new(),
+    };
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--smoke" => parsed.smoke = true,
+            "-h" | "--help" => return Err(USAGE.into()),
+            flag if flag.starts_with("--") => {
+                let value = args
+                    .next()
+                    .ok_or_else(|| format!("{flag} needs a value\n\n{USAGE}"))?;
+                if flag == "--out" {
+                    parsed.out = PathBuf::from(value);
+                } else {
+                    parsed.options.push((flag.to_owned(), value));
+                }
+            }
+            other => return Err(format!("unexpected argument {other:?}\n\n{USAGE}")),
+        }
+    }
+    Ok(parsed)
+}
+
+fn positive<T: std::str::FromStr + PartialOrd + Default>(flag: &str, v: &str) -> Result<T, String> {
+    v.parse::<T>()
+        .ok()
+        .filter(|n| *n > T::default())
+        .ok_or_else(|| format!("{flag} needs a positive number, not {v:?}"))
+}
+
+fn matrix_params(args: &Args) -> Result<MatrixParams, String> {
+    let mut p = if args.smoke {
+        MatrixParams::smoke()
+    } else {
+        MatrixParams::full()
+    };
+    for (flag, value) in &args.options {
+        match flag.as_str() {
+            "--sizes" => p.sizes = parse_sizes(value)?,
+            "--rounds" => p.rounds = positive(flag, value)?,
+            "--duration" => p.duration_s = positive(flag, value)?,
+            "--policies" => {
+                p.policies = value
+                    .split(',')
+                    .map(|id| {
+                        Policy::from_id(id.trim()).ok_or_else(|| {
+                            let all: Vec<&str> = Policy::ALL.iter().map(|p| p.id()).collect();
+                            format!("--policies: unknown {id:?}; known: {}", all.join(", "))
+                        })
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            _ => return Err(format!("matrix does not take {flag}\n\n{USAGE}")),
+        }
+    }
+    Ok(p)
+}
+
+fn overhead_params(args: &Args) -> Result<OverheadParams, String> {
+    let mut p = if args.smoke {
+        OverheadParams {
+            rounds: 1,
+            seconds: 1,
+            endpoints: vec![4],
+        }
+    } else {
+        OverheadParams {
+            rounds: 5,
+            seconds: 5,
+            endpoints: vec![4, 256],
+        }
+    };
+    for (flag, value) in &args.options {
+        match flag.as_str() {
+            "--rounds" => p.rounds = positive(flag, value)?,
+            "--seconds" => p.seconds = positive(flag, value)?,
+            "--endpoints" => {
+                p.endpoints = value
+                    .split(',')
+                    .map(|n| positive(flag, n.trim()))
+                    .collect::<Result<_, _>>()?;
+            }
+            _ => return Err(format!("overhead does not take {flag}\n\n{USAGE}")),
+        }
+    }
+    Ok(p)
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    match args.command.as_str() {
+        "matrix" => {
+            let params = matrix_params(args)?;
+            let env = Env::new()?;
+            let result = matrix(&env, &params, args.smoke, &args.out);
+            let _ = std::fs::remove_dir_all(&env.work);
+            result
+        }
+        "overhead" => {
+            let params = overhead_params(args)?;
+            let env = Env::new()?;
+            let result = overhead(&env, &params, args.smoke, &args.out);
+            let _ = std::fs::remove_dir_all(&env.work);
+            result
+        }
+        other => Err(format!("unknown command {other:?}\n\n{USAGE}")),
+    }
+}
+
+fn main() -> ExitCode {
+    match parse_args(std::env::args().skip(1)).and_then(|args| run(&args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("model-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
