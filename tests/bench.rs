@@ -92,6 +92,7 @@ fn the_overhead_smoke_run_writes_a_row_per_variant() {
         [
             "round_robin",
             "least_request",
+            "wasm_noop",
             "mlb_random",
             "mlb_lor",
             "mlb_lor_no_passive"

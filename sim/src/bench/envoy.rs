@@ -22,6 +22,9 @@ pub struct Variant {
     pub name: String,
     pub policy: Policy,
     pub plugin_extra: serde_json::Map<String, Value>,
+    /// A wasm filter that does nothing, loaded in front of the router (the overhead
+    /// benchmark's floor for any wasm filter).
+    pub noop_wasm: Option<String>,
 }
 
 impl Variant {
@@ -30,6 +33,7 @@ impl Variant {
             name: policy.id().to_owned(),
             policy,
             plugin_extra: serde_json::Map::new(),
+            noop_wasm: None,
         }
     }
 }
@@ -74,6 +78,22 @@ fn listener(variant: &Variant, wasm: &str, ports: &[u16]) -> Value {
                     "configuration": {
                         "@type": "type.googleapis.com/google.protobuf.StringValue",
                         "value": plugin_config(variant, ports).to_string()
+                    }
+                }
+            }
+        }));
+    }
+    if let Some(noop) = &variant.noop_wasm {
+        filters.push(json!({
+            "name": "noop",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                "config": {
+                    "name": format!("noop_{}", variant.name),
+                    "vm_config": {
+                        "vm_id": "noop",
+                        "runtime": "envoy.wasm.runtime.v8",
+                        "code": {"local": {"filename": noop}}
                     }
                 }
             }
@@ -179,10 +199,14 @@ pub fn matrix_config(wasm: &str, ports: &[u16], policies: &[Policy]) -> Value {
     proxy_config(wasm, ports, &variants)
 }
 
-/// The overhead benchmark's variants: Envoy alone (ROUND_ROBIN, LEAST_REQUEST), model-lb
-/// RANDOM and LOR with default settings, and LOR without passive health (which reads two
-/// properties per request in `on_log`): where the filter's cost goes.
-pub fn overhead_variants() -> Vec<Variant> {
+/// The overhead benchmark's variants: Envoy alone (ROUND_ROBIN, LEAST_REQUEST), LEAST_REQUEST
+/// behind a wasm filter that does nothing (`noop_wasm`: what hosting any wasm filter costs),
+/// model-lb RANDOM and LOR with default settings, and LOR without passive health (which reads
+/// two properties per request in `on_log`): where the filter's cost goes.
+pub fn overhead_variants(noop_wasm: &str) -> Vec<Variant> {
+    let mut noop = Variant::of(Policy::LeastRequest);
+    noop.name = "wasm_noop".into();
+    noop.noop_wasm = Some(noop_wasm.to_owned());
     let mut no_passive = Variant::of(Policy::ModelLbLor);
     no_passive.name = "mlb_lor_no_passive".into();
     no_passive
@@ -191,6 +215,7 @@ pub fn overhead_variants() -> Vec<Variant> {
     vec![
         Variant::of(Policy::RoundRobin),
         Variant::of(Policy::LeastRequest),
+        noop,
         Variant::of(Policy::ModelLbRandom),
         Variant::of(Policy::ModelLbLor),
         no_passive,
@@ -365,29 +390,40 @@ mod tests {
     }
 
     #[test]
-    fn overhead_variants_include_lor_without_passive_health() {
-        let variants = overhead_variants();
+    fn overhead_variants_include_a_noop_wasm_floor_and_lor_without_passive_health() {
+        let variants = overhead_variants("/w/noop.wasm");
         let names: Vec<&str> = variants.iter().map(|v| v.name.as_str()).collect();
         assert_eq!(
             names,
             [
                 "round_robin",
                 "least_request",
+                "wasm_noop",
                 "mlb_random",
                 "mlb_lor",
                 "mlb_lor_no_passive"
             ]
         );
-        let plugin = plugin_config(&variants[4], &[9]);
+        let plugin = plugin_config(&variants[5], &[9]);
         assert_eq!(plugin["passive_health"], false);
         assert_eq!(plugin["cluster"], "mlb_lor_no_passive");
-        let config = proxy_config("/w", &[9], &variants);
+        let config = proxy_config("/w/model_lb.wasm", &[9], &variants);
         assert_eq!(
             config["static_resources"]["listeners"]
                 .as_array()
                 .unwrap()
                 .len(),
-            5
+            6
+        );
+        // The floor: the noop module, no model-lb, Envoy's LEAST_REQUEST behind it.
+        let noop = http_filters(listener_of(&config, "wasm_noop"));
+        assert_eq!(noop.len(), 2);
+        let vm = &noop[0]["typed_config"]["config"]["vm_config"];
+        assert_eq!(vm["code"]["local"]["filename"], "/w/noop.wasm");
+        assert_eq!(vm["vm_id"], "noop");
+        assert_eq!(
+            cluster_of(&config, "wasm_noop")["load_balancing_policy"],
+            lb_policy(Policy::LeastRequest)
         );
     }
 

@@ -153,7 +153,7 @@ impl MatrixParams {
             policies: Policy::ALL.to_vec(),
             rounds: 2,
             warmup_s: 2.0,
-            duration_s: 12.0,
+            duration_s: 10.0,
             seed: 7,
             server: ServerParams {
                 max_batch: 6,

@@ -1,7 +1,7 @@
 //! From raw samples to results: several rounds of one (policy, size) are pooled into one
 //! sample before any percentile is taken (a percentile of percentiles would be wrong), the
-//! ideal is the pooled one-instance runs, and the timing model says what the latency should be
-//! under perfect balance.
+//! timing model says what the latency and throughput of the very same requests would be under
+//! perfect balance (the ideal).
 
 use serde::Serialize;
 
@@ -100,6 +100,7 @@ pub struct ModelCheck {
     pub batch: usize,
     pub predicted_p50_ms: Option<f64>,
     pub predicted_p99_ms: Option<f64>,
+    pub predicted_mean_ms: Option<f64>,
     /// Median over requests of measured / predicted latency.
     pub median_ratio: Option<f64>,
 }
@@ -119,8 +120,11 @@ impl ModelCheck {
             }
         }
         let predicted = sorted(&predicted);
+        let mean =
+            (!predicted.is_empty()).then(|| predicted.iter().sum::<f64>() / predicted.len() as f64);
         ModelCheck {
             batch,
+            predicted_mean_ms: mean,
             predicted_p50_ms: percentile_sorted(&predicted, 50.0),
             predicted_p99_ms: percentile_sorted(&predicted, 99.0),
             median_ratio: percentile_sorted(&sorted(&ratios), 50.0),
@@ -202,7 +206,7 @@ pub fn cells(
                 continue;
             }
             mine.sort_by_key(|r| r.round);
-            let batch = ((users as usize).div_ceil(instances.max(1) as usize)).clamp(1, max_batch);
+            let batch = balanced_batch(users, instances, max_batch);
             out.push(Cell {
                 policy,
                 users,
@@ -239,25 +243,57 @@ fn share_min_max(runs: &[&Run], instances: u32) -> Option<(f64, f64)> {
     Some((pct(min), pct(max)))
 }
 
-/// Perfect balance: every instance always has users / instances requests. With SageMaker's
-/// 4 users per instance that is exactly one instance with 4 users, so the ideal is all
-/// one-instance runs pooled (every policy routes them identically).
+/// Perfect balance at one size: what the timing model predicts for the requests measured at
+/// that size if every instance always held exactly users / instances of them. All policies'
+/// runs are pooled (each user sends the same request sequence under every policy), so every
+/// policy is compared with the same requests, never with another size's workload.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ideal {
     pub users: u32,
-    pub stats: Stats,
+    pub instances: u32,
     pub model: ModelCheck,
+    /// Closed loop, no think time: each instance completes `batch` requests per mean
+    /// service time.
+    pub throughput_per_instance_per_min: Option<f64>,
 }
 
-pub fn ideal(runs: &[Run], timing: &TimingModel, max_batch: usize) -> Option<Ideal> {
-    let single: Vec<&Run> = runs.iter().filter(|r| r.instances == 1).collect();
-    let users = single.first()?.users;
-    let single: Vec<&Run> = single.into_iter().filter(|r| r.users == users).collect();
-    Some(Ideal {
-        users,
-        stats: Stats::of(&single),
-        model: ModelCheck::of(&single, timing, (users as usize).clamp(1, max_batch)),
-    })
+pub fn ideals(
+    runs: &[Run],
+    sizes: &[(u32, u32)],
+    timing: &TimingModel,
+    max_batch: usize,
+) -> Vec<Ideal> {
+    sizes
+        .iter()
+        .filter_map(|&(users, instances)| {
+            let mine: Vec<&Run> = runs
+                .iter()
+                .filter(|r| r.users == users && r.instances == instances)
+                .collect();
+            if mine.is_empty() {
+                return None;
+            }
+            let batch = balanced_batch(users, instances, max_batch);
+            let model = ModelCheck::of(&mine, timing, batch);
+            let throughput = model
+                .predicted_mean_ms
+                .filter(|&m| m > 0.0)
+                .map(|mean| batch as f64 * 60_000.0 / mean);
+            Some(Ideal {
+                users,
+                instances,
+                model,
+                throughput_per_instance_per_min: throughput,
+            })
+        })
+        .collect()
+}
+
+/// Requests each instance holds under perfect balance (the rest queue past `max_batch`).
+fn balanced_batch(users: u32, instances: u32, max_batch: usize) -> usize {
+    (users as usize)
+        .div_ceil(instances.max(1) as usize)
+        .clamp(1, max_batch)
 }
 
 /// Relative change of `value` against `base`, in percent.
@@ -450,10 +486,17 @@ mod tests {
             (Policy::ModelLbLor, 5, 2)
         );
         assert_eq!(cells[2].model.batch, 4);
-        let ideal = ideal(&runs, &timing, 6).unwrap();
-        assert_eq!(ideal.users, 4);
-        assert_eq!(ideal.stats.ok, 20, "both policies' one-instance runs");
-        assert_eq!(ideal.stats.p99_ms, Some(200.0));
+        let ideals = ideals(&runs, &[(4, 1), (20, 5)], &timing, 6);
+        assert_eq!(ideals.len(), 2);
+        let one = &ideals[0];
+        assert_eq!((one.users, one.instances, one.model.batch), (4, 1, 4));
+        let mean = one.model.predicted_mean_ms.unwrap();
+        let expected = timing.service_time(300, 100, 4).as_secs_f64() * 1e3;
+        assert!((mean - expected).abs() < 1e-6, "{mean} vs {expected}");
+        assert_eq!(
+            one.throughput_per_instance_per_min,
+            Some(4.0 * 60_000.0 / expected)
+        );
         let c = comparisons(&cells, Policy::ModelLbLor, &[Policy::ModelLbRandom]);
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].instances, 5);

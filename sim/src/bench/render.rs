@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::pool::{comparisons, find, ratio, Cell, Comparison, Ideal, Row};
+use super::pool::{comparisons, find, ratio, Cell, Comparison, Ideal, ModelCheck, Row, Stats};
 use super::procstat::{Busiest, Usage};
 use super::{MatrixParams, Policy};
 
@@ -30,7 +30,8 @@ impl Machine {
 pub struct MatrixReport {
     pub params: MatrixParams,
     pub cells: Vec<Cell>,
-    pub ideal: Option<Ideal>,
+    /// Perfect balance per size, from the timing model.
+    pub ideals: Vec<Ideal>,
     pub machine: Machine,
     /// Highest CPU use per role: `LOAD`, `ENVOY`, `SERVER`, `MACHINE`, `OTHERS`.
     pub busiest: Busiest,
@@ -111,8 +112,11 @@ pub fn markdown(r: &MatrixReport) -> String {
         md,
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
-    let ideal = r.ideal.as_ref();
     for c in &r.cells {
+        let ideal = r
+            .ideals
+            .iter()
+            .find(|i| i.users == c.users && i.instances == c.instances);
         let s = &c.stats;
         let share = c
             .share_min_max
@@ -128,25 +132,34 @@ pub fn markdown(r: &MatrixReport) -> String {
             ms(s.ttft_p99_ms),
             s.throughput_per_instance_per_min,
             s.errors,
-            times(ideal.and_then(|i| ratio(i.stats.p99_ms, s.p99_ms))),
+            times(ideal.and_then(|i| ratio(i.model.predicted_p99_ms, s.p99_ms))),
             times(ideal.and_then(|i| ratio(
-                Some(i.stats.throughput_per_instance_per_min),
+                i.throughput_per_instance_per_min,
                 Some(s.throughput_per_instance_per_min)
             ))),
             s.ok,
         );
     }
-    if let Some(i) = ideal {
+    if !r.ideals.is_empty() {
         let _ = writeln!(
             md,
-            "\n**Ideal** (perfect balance: every instance always holds {} requests, which is exactly one instance with {} users; all policies' one-instance runs pooled, {} requests): P50 {} ms, P99 {} ms, TTFT P99 {} ms, throughput {:.1} /instance/min. \"vs ideal\" divides by these.",
-            i.users,
-            i.users,
-            i.stats.ok,
-            ms(i.stats.p50_ms),
-            ms(i.stats.p99_ms),
-            ms(i.stats.ttft_p99_ms),
-            i.stats.throughput_per_instance_per_min
+            "\n**Ideal**: perfect balance, from the servers' timing model: the requests measured at a size (all policies pooled; every policy sends each user's same request sequence), each served as if its instance always held exactly users / instances = {} requests. P99 and throughput per instance per minute:",
+            r.ideals.first().map_or(0, |i| i.model.batch)
+        );
+        for i in &r.ideals {
+            let _ = writeln!(
+                md,
+                "- {} users, {} instances: P99 {} ms, {} /instance/min",
+                i.users,
+                i.instances,
+                ms(i.model.predicted_p99_ms),
+                i.throughput_per_instance_per_min
+                    .map_or("-".into(), |t| format!("{t:.1}"))
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\nWith one instance there is nothing to balance, so those rows test the model itself: they should sit at 1.00x."
         );
     }
 
@@ -272,7 +285,7 @@ pub fn markdown(r: &MatrixReport) -> String {
     }
     let _ = writeln!(
         md,
-        "\nTiming-model check: the measured requests' latencies against what the timing model predicts for exactly those requests (their prompt and output lengths) if their server always held users/instances requests (b = 4): the ideal must match it, and so must a policy that keeps the balance perfect. Tolerance {:.0} %.\n",
+        "\nTiming-model check: the measured requests' latencies against what the timing model predicts for exactly those requests (their prompt and output lengths) if their server always held users/instances requests (b = 4): the one-instance runs must match it, and so must a policy that keeps the balance perfect. Tolerance {:.0} %.\n",
         MODEL_TOLERANCE * 100.0
     );
     let _ = writeln!(
@@ -281,45 +294,11 @@ pub fn markdown(r: &MatrixReport) -> String {
         MODEL_TOLERANCE * 100.0
     );
     let _ = writeln!(md, "|---|---:|---:|---:|---|");
-    if let Some(i) = ideal {
-        let _ = writeln!(
-            md,
-            "| ideal ({} users, 1 instance, pooled) | {} / {} | {} / {} | {} | {} |",
-            i.users,
-            ms(i.stats.p50_ms),
-            ms(i.model.predicted_p50_ms),
-            ms(i.stats.p99_ms),
-            ms(i.model.predicted_p99_ms),
-            i.model
-                .median_ratio
-                .map_or("-".into(), |v| format!("{v:.3}")),
-            if i.model.within(&i.stats, MODEL_TOLERANCE) {
-                "yes"
-            } else {
-                "**no**"
-            }
-        );
-    }
-    for c in r.cells.iter().filter(|c| c.instances > 1) {
-        let _ = writeln!(
-            md,
-            "| {} ({}, {}) | {} / {} | {} / {} | {} | {} |",
-            c.policy.name(),
-            c.users,
-            c.instances,
-            ms(c.stats.p50_ms),
-            ms(c.model.predicted_p50_ms),
-            ms(c.stats.p99_ms),
-            ms(c.model.predicted_p99_ms),
-            c.model
-                .median_ratio
-                .map_or("-".into(), |v| format!("{v:.3}")),
-            if c.model.within(&c.stats, MODEL_TOLERANCE) {
-                "yes"
-            } else {
-                "no"
-            }
-        );
+    for c in &r.cells {
+        let label = format!("{} ({}, {})", c.policy.name(), c.users, c.instances);
+        // One instance cannot be unbalanced: a miss there means the model or the rig is off.
+        let miss = if c.instances == 1 { "**no**" } else { "no" };
+        model_check_row(&mut md, &label, &c.stats, &c.model, miss);
     }
     let _ = writeln!(
         md,
@@ -342,6 +321,24 @@ pub fn markdown(r: &MatrixReport) -> String {
         );
     }
     md
+}
+
+/// One row of the timing-model check; `miss` is what a row outside the tolerance shows.
+fn model_check_row(md: &mut String, label: &str, stats: &Stats, model: &ModelCheck, miss: &str) {
+    let _ = writeln!(
+        md,
+        "| {label} | {} / {} | {} / {} | {} | {} |",
+        ms(stats.p50_ms),
+        ms(model.predicted_p50_ms),
+        ms(stats.p99_ms),
+        ms(model.predicted_p99_ms),
+        model.median_ratio.map_or("-".into(), |v| format!("{v:.3}")),
+        if model.within(stats, MODEL_TOLERANCE) {
+            "yes"
+        } else {
+            miss
+        }
+    );
 }
 
 /// Short policy label for table headers.
@@ -380,8 +377,8 @@ fn esc(s: &str) -> String {
 }
 
 /// Two panels like SageMaker's charts: P99 latency and throughput per instance against the
-/// number of instances, one polyline per policy, the ideal as a dashed line.
-pub fn svg(cells: &[Cell], policies: &[Policy], ideal: Option<&Ideal>, title: &str) -> String {
+/// number of instances, one polyline per policy, the ideal as a dashed path.
+pub fn svg(cells: &[Cell], policies: &[Policy], ideals: &[Ideal], title: &str) -> String {
     let (panel_w, panel_h) = (480.0_f64, 330.0_f64);
     let (left, right, top, bottom) = (70.0, 20.0, 50.0, 55.0);
     let legend_rows = policies.len().div_ceil(3) + 1;
@@ -405,24 +402,25 @@ pub fn svg(cells: &[Cell], policies: &[Policy], ideal: Option<&Ideal>, title: &s
     xs.sort_unstable();
     xs.dedup();
     type Metric = fn(&Cell) -> Option<f64>;
-    let panels: [(&str, Metric, Option<f64>); 2] = [
+    type IdealMetric = fn(&Ideal) -> Option<f64>;
+    let panels: [(&str, Metric, IdealMetric); 2] = [
         (
             "P99 end-to-end latency (ms)",
             |c| c.stats.p99_ms,
-            ideal.and_then(|i| i.stats.p99_ms),
+            |i| i.model.predicted_p99_ms,
         ),
         (
             "Throughput per instance (requests/min)",
             |c| Some(c.stats.throughput_per_instance_per_min),
-            ideal.map(|i| i.stats.throughput_per_instance_per_min),
+            |i| i.throughput_per_instance_per_min,
         ),
     ];
-    for (panel, (label, metric, ideal_value)) in panels.iter().enumerate() {
+    for (panel, (label, metric, ideal_metric)) in panels.iter().enumerate() {
         let ox = panel as f64 * panel_w;
         let y_data = cells
             .iter()
             .filter_map(metric)
-            .chain(*ideal_value)
+            .chain(ideals.iter().filter_map(ideal_metric))
             .fold(0.0_f64, f64::max);
         let (step, y_max) = nice_ticks(y_data * 1.05);
         let (x0, x1) = (ox + left, ox + panel_w - right);
@@ -469,13 +467,18 @@ pub fn svg(cells: &[Cell], policies: &[Policy], ideal: Option<&Ideal>, title: &s
             (x0 + x1) / 2.0,
             y0 + 36.0
         );
-        if let Some(v) = ideal_value {
+        let ideal_points: Vec<String> = ideals
+            .iter()
+            .filter_map(|i| {
+                let v = ideal_metric(i)?;
+                Some(format!("{:.1},{:.1}", px(f64::from(i.instances)), py(v)))
+            })
+            .collect();
+        if !ideal_points.is_empty() {
             let _ = writeln!(
                 out,
-                "<line x1=\"{x0:.1}\" y1=\"{yy:.1}\" x2=\"{x1:.1}\" y2=\"{yy:.1}\" stroke=\"black\" stroke-dasharray=\"6,4\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" font-size=\"11\">ideal</text>",
-                x1,
-                py(*v) - 4.0,
-                yy = py(*v)
+                "<path fill=\"none\" stroke=\"black\" stroke-dasharray=\"6,4\" d=\"M{}\"><title>ideal</title></path>",
+                ideal_points.join(" L")
             );
         }
         for &policy in policies {
@@ -523,11 +526,11 @@ pub fn svg(cells: &[Cell], policies: &[Policy], ideal: Option<&Ideal>, title: &s
             esc(policy.name())
         );
     }
-    if ideal.is_some() {
+    if !ideals.is_empty() {
         let y = legend_y + (policies.len().div_ceil(3)) as f64 * 20.0;
         let _ = writeln!(
             out,
-            "<line x1=\"40\" y1=\"{y}\" x2=\"68\" y2=\"{y}\" stroke=\"black\" stroke-dasharray=\"6,4\"/><text x=\"74\" y=\"{}\">ideal: perfect balance (one instance, 4 users)</text>",
+            "<line x1=\"40\" y1=\"{y}\" x2=\"68\" y2=\"{y}\" stroke=\"black\" stroke-dasharray=\"6,4\"/><text x=\"74\" y=\"{}\">ideal: perfect balance (timing model, same requests)</text>",
             y + 4.0
         );
     }
@@ -537,7 +540,7 @@ pub fn svg(cells: &[Cell], policies: &[Policy], ideal: Option<&Ideal>, title: &s
 
 #[cfg(test)]
 mod tests {
-    use super::super::pool::{cells, ideal, Run};
+    use super::super::pool::{cells, ideals, Run};
     use super::*;
     use crate::model::TimingModel;
     use crate::report::Sample;
@@ -580,11 +583,11 @@ mod tests {
         }
         let timing = TimingModel::default();
         let cells = cells(&runs, &params.sizes, &params.policies, &timing, 6);
-        let ideal = ideal(&runs, &timing, 6);
+        let ideals = ideals(&runs, &params.sizes, &timing, 6);
         MatrixReport {
             params,
             cells,
-            ideal,
+            ideals,
             machine: Machine {
                 date: "2026-11-25".into(),
                 nproc: 2,
@@ -613,7 +616,10 @@ mod tests {
         assert!(line.contains("0.92x (-8.3 %)"), "{line}");
         assert!(md.contains(SEED_P99) && md.contains(SEED_THROUGHPUT));
         assert!(md.contains("2 cores (Test CPU), Envoy 1.40.0, commit abc1234"));
-        assert!(md.contains("**Ideal**"));
+        assert!(
+            md.contains("**Ideal**") && md.contains("- 20 users, 5 instances: P99 "),
+            "{md}"
+        );
         assert!(md.contains("Bottleneck checks") && md.contains("| model-load |"));
         assert!(md.contains("seed-matrix.svg"));
         for line in md.lines().filter(|l| l.starts_with('|')) {
@@ -636,7 +642,7 @@ mod tests {
     #[test]
     fn svg_parses_with_two_panels_and_a_polyline_per_policy_and_panel() {
         let r = report();
-        let text = svg(&r.cells, &r.params.policies, r.ideal.as_ref(), "t <&>");
+        let text = svg(&r.cells, &r.params.policies, &r.ideals, "t <&>");
         let doc = roxmltree::Document::parse(&text).unwrap();
         let count = |name: &str| {
             doc.descendants()

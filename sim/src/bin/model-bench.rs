@@ -6,13 +6,14 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use model_sim::bench::envoy::{
     fast_backend_config, listener_addresses, matrix_config, overhead_variants, proxy_config,
 };
 use model_sim::bench::overhead::{self, Measurement, OverheadReport};
-use model_sim::bench::pool::{cells, ideal, Run};
+use model_sim::bench::pool::{cells, ideals, Run};
 use model_sim::bench::procstat::{machine_ticks, process_ticks, Busiest, Series, Usage};
 use model_sim::bench::render::{self, Machine, MatrixReport};
 use model_sim::bench::{parse_sizes, MatrixParams, Policy};
@@ -35,6 +36,51 @@ const TICKS_PER_SECOND: f64 = 100.0;
 const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 const PEAK_WINDOW_S: f64 = 1.0;
 
+/// Every child alive, so that a Ctrl-C or `kill` of model-bench stops them too (Drop does not
+/// run when a signal ends the process).
+static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+fn terminate(pid: u32) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// On SIGINT or SIGTERM: stop every child, then exit.
+fn stop_children_on_signal() {
+    std::thread::spawn(|| {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut int), Ok(mut term)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        });
+        let pids = CHILDREN.lock().map(|c| c.clone()).unwrap_or_default();
+        eprintln!(
+            "model-bench: interrupted; stopping {} process(es)",
+            pids.len()
+        );
+        for pid in pids {
+            terminate(pid);
+        }
+        std::process::exit(130);
+    });
+}
+
 /// A child process that is stopped (TERM, then KILL) when dropped.
 struct Proc {
     child: Child,
@@ -42,6 +88,16 @@ struct Proc {
 }
 
 impl Proc {
+    fn new(child: Child, what: impl Into<String>) -> Self {
+        if let Ok(mut children) = CHILDREN.lock() {
+            children.push(child.id());
+        }
+        Self {
+            child,
+            what: what.into(),
+        }
+    }
+
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -49,9 +105,13 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        if let Ok(mut children) = CHILDREN.lock() {
+            children.retain(|&pid| pid != self.child.id());
+        }
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        terminate(self.child.id());
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -68,6 +128,7 @@ impl Drop for Proc {
 struct Env {
     envoy: PathBuf,
     wasm: PathBuf,
+    noop_wasm: PathBuf,
     sim: PathBuf,
     work: PathBuf,
 }
@@ -79,6 +140,7 @@ impl Env {
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join(".venv/bin/envoy"));
         let wasm = root.join("target/wasm32-wasip1/release/model_lb.wasm");
+        let noop_wasm = root.join("target/wasm32-wasip1/release/noop_filter.wasm");
         let sim = std::env::current_exe()
             .map_err(|e| e.to_string())?
             .parent()
@@ -97,6 +159,7 @@ impl Env {
         Ok(Self {
             envoy,
             wasm,
+            noop_wasm,
             sim,
             work,
         })
@@ -116,10 +179,7 @@ impl Env {
             .spawn()
             .map_err(|e| format!("model-server: {e} (run `make sim`)"))?;
         let stdout = child.stdout.take().ok_or("no stdout")?;
-        let proc = Proc {
-            child,
-            what: "model-server".into(),
-        };
+        let proc = Proc::new(child, "model-server");
         // The server's first line is the address it bound.
         let mut line = String::new();
         BufReader::new(stdout)
@@ -183,10 +243,7 @@ impl Env {
             .stderr(log)
             .spawn()
             .map_err(|e| format!("envoy: {e}"))?;
-        let mut proc = Proc {
-            child,
-            what: format!("envoy {name}"),
-        };
+        let mut proc = Proc::new(child, format!("envoy {name}"));
         let deadline = Instant::now() + Duration::from_secs(60);
         let admin = loop {
             if let Ok(Some(status)) = proc.child.try_wait() {
@@ -414,7 +471,7 @@ fn matrix(env: &Env, params: &MatrixParams, smoke: bool, out: &Path) -> Result<(
                 let address = address_of(&listeners, policy.id())?;
                 let samples_path = env.work.join("samples.jsonl");
                 let _ = std::fs::remove_file(&samples_path);
-                let mut load = Command::new(env.sim.join("model-load"))
+                let load = Command::new(env.sim.join("model-load"))
                     .args(["--url", &format!("http://{address}")])
                     .args(params.load_args(users, instances, round))
                     .args(["--label", policy.id()])
@@ -423,15 +480,16 @@ fn matrix(env: &Env, params: &MatrixParams, smoke: bool, out: &Path) -> Result<(
                     .stdout(Stdio::null())
                     .spawn()
                     .map_err(|e| format!("model-load: {e} (run `make sim`)"))?;
+                let mut load = Proc::new(load, "model-load");
                 let mut watch = CpuWatch::new(vec![
-                    (render::LOAD.into(), vec![load.id()]),
+                    (render::LOAD.into(), vec![load.pid()]),
                     (render::ENVOY.into(), vec![envoy.pid()]),
                     (
                         render::SERVER.into(),
                         servers.iter().map(Proc::pid).collect(),
                     ),
                 ]);
-                let status = watch.wait(&mut load)?;
+                let status = watch.wait(&mut load.child)?;
                 if !status.success() {
                     return Err(format!(
                         "model-load against {} failed ({status})",
@@ -489,11 +547,11 @@ fn matrix(env: &Env, params: &MatrixParams, smoke: bool, out: &Path) -> Result<(
     let timing = params.server.timing();
     let max_batch = params.server.max_batch as usize;
     let cells = cells(&runs, &params.sizes, &params.policies, &timing, max_batch);
-    let ideal = ideal(&runs, &timing, max_batch);
+    let ideals = ideals(&runs, &params.sizes, &timing, max_batch);
     let report = MatrixReport {
         params: params.clone(),
         cells,
-        ideal,
+        ideals,
         machine: machine(),
         busiest,
         validation: "Every generated configuration passed `envoy --mode validate` first.".into(),
@@ -510,12 +568,7 @@ fn matrix(env: &Env, params: &MatrixParams, smoke: bool, out: &Path) -> Result<(
     write(
         out,
         "seed-matrix.svg",
-        &render::svg(
-            &report.cells,
-            &params.policies,
-            report.ideal.as_ref(),
-            &title,
-        ),
+        &render::svg(&report.cells, &params.policies, &report.ideals, &title),
     )?;
     println!("{md}");
     eprintln!(
@@ -533,7 +586,13 @@ struct OverheadParams {
 
 fn overhead(env: &Env, params: &OverheadParams, smoke: bool, out: &Path) -> Result<(), String> {
     let started = Instant::now();
-    let variants = overhead_variants();
+    if !env.noop_wasm.exists() {
+        return Err(format!(
+            "{} is missing: run `make noop-filter` (make bench-overhead does)",
+            env.noop_wasm.display()
+        ));
+    }
+    let variants = overhead_variants(&env.noop_wasm.to_string_lossy());
     let names: Vec<String> = variants.iter().map(|v| v.name.clone()).collect();
     let mut measurements = Vec::new();
     for &endpoints in &params.endpoints {
@@ -565,22 +624,23 @@ fn overhead(env: &Env, params: &OverheadParams, smoke: bool, out: &Path) -> Resu
                 let url = format!("http://{}/", address_of(&listeners, name)?);
                 let seconds = if round == 0 { 1 } else { params.seconds };
                 let before = process_cpu_s(proxy.pid()).unwrap_or(0.0);
-                let mut wrk = Command::new("wrk")
+                let wrk = Command::new("wrk")
                     .args(["-t1", "-c16", "--latency", "-d"])
                     .arg(format!("{seconds}s"))
                     .arg(&url)
                     .stdout(Stdio::piped())
                     .spawn()
                     .map_err(|e| format!("wrk: {e} (make bench-overhead installs it)"))?;
+                let mut wrk = Proc::new(wrk, "wrk");
                 let mut watch = CpuWatch::new(vec![
                     ("proxy".into(), vec![proxy.pid()]),
                     ("backend".into(), vec![backend.pid()]),
-                    ("wrk".into(), vec![wrk.id()]),
+                    ("wrk".into(), vec![wrk.pid()]),
                 ]);
-                watch.wait(&mut wrk)?;
+                watch.wait(&mut wrk.child)?;
                 let proxy_cpu_s = process_cpu_s(proxy.pid()).unwrap_or(0.0) - before;
                 let mut text = String::new();
-                if let Some(mut stdout) = wrk.stdout.take() {
+                if let Some(mut stdout) = wrk.child.stdout.take() {
                     let _ = stdout.read_to_string(&mut text);
                 }
                 let (requests, requests_per_s, p50_ms, p99_ms, errors) = overhead::parse_wrk(&text)
@@ -617,7 +677,7 @@ fn overhead(env: &Env, params: &OverheadParams, smoke: bool, out: &Path) -> Resu
         measurements,
         machine_line: machine().line(),
         method: format!(
-            "Method: one Envoy with `--concurrency 1` (the proxy) holds one listener and cluster per variant over the same endpoints: {} listeners of a second Envoy that answers 200 at once (`direct_response`). `wrk -t1 -c16 --latency` runs {} s per variant; {} rounds after an uncounted warm-up round, variants in alternating order. CPU per request is the proxy's user + system time over the run (`/proc/<pid>/stat`) divided by the requests wrk completed; the ratio to LEAST_REQUEST is taken per round, then the median. mlb_lor_no_passive is LOR with `\"passive_health\": false`.",
+            "Method: one Envoy with `--concurrency 1` (the proxy) holds one listener and cluster per variant over the same endpoints: {} listeners of a second Envoy that answers 200 at once (`direct_response`). `wrk -t1 -c16 --latency` runs {} s per variant; {} rounds after an uncounted warm-up round, variants in alternating order. CPU per request is the proxy's user + system time over the run (`/proc/<pid>/stat`) divided by the requests wrk completed; the ratio to LEAST_REQUEST is taken per round, then the median. wasm_noop is LEAST_REQUEST behind a proxy-wasm filter that does nothing (`bench/noop-filter`): the floor for any wasm filter. mlb_lor_no_passive is LOR with `\"passive_health\": false`.",
             params
                 .endpoints
                 .iter()
@@ -767,6 +827,7 @@ fn run(args: &Args) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    stop_children_on_signal();
     match parse_args(std::env::args().skip(1)).and_then(|args| run(&args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
