@@ -481,7 +481,9 @@ pub fn svg(cells: &[Cell], policies: &[Policy], ideals: &[Ideal], title: &str) -
                 ideal_points.join(" L")
             );
         }
-        for &policy in policies {
+        // Reverse order: the first policy (model-lb LOR) is drawn last, on top of any line it
+        // coincides with.
+        for &policy in policies.iter().rev() {
             let points: Vec<(f64, f64)> = cells
                 .iter()
                 .filter(|c| c.policy == policy)

@@ -322,34 +322,35 @@ fn machine_cpu_s() -> Option<f64> {
 /// CPU use of the processes of one run, sampled while it lasts.
 struct CpuWatch {
     started: Instant,
-    groups: Vec<(String, Vec<u32>, Series)>,
+    /// (role, pid, samples); a role may have several processes (the model servers).
+    processes: Vec<(String, u32, Series)>,
     machine: Series,
 }
 
 impl CpuWatch {
-    /// `groups`: role and pids; a role with several pids reports its busiest process.
-    fn new(groups: Vec<(String, Vec<u32>)>) -> Self {
+    fn new(roles: Vec<(&str, Vec<u32>)>) -> Self {
+        let processes = roles
+            .into_iter()
+            .flat_map(|(role, pids)| {
+                pids.into_iter()
+                    .map(move |pid| (role.to_owned(), pid, Series::default()))
+            })
+            .collect();
         let mut watch = Self {
             started: Instant::now(),
-            groups: Vec::new(),
+            processes,
             machine: Series::default(),
         };
-        for (role, pids) in groups {
-            for pid in pids {
-                watch
-                    .groups
-                    .push((role.clone(), vec![pid], Series::default()));
-            }
-        }
         watch.sample();
         watch
     }
 
     fn sample(&mut self) {
         let t = self.started.elapsed().as_secs_f64();
-        for (_, pids, series) in &mut self.groups {
-            let cpu: f64 = pids.iter().filter_map(|&p| process_cpu_s(p)).sum();
-            series.push(t, cpu);
+        for (_, pid, series) in &mut self.processes {
+            if let Some(cpu) = process_cpu_s(*pid) {
+                series.push(t, cpu);
+            }
         }
         if let Some(cpu) = machine_cpu_s() {
             self.machine.push(t, cpu);
@@ -369,7 +370,7 @@ impl CpuWatch {
 
     /// The busiest process of `role` (highest run average).
     fn usage(&self, role: &str) -> Usage {
-        self.groups
+        self.processes
             .iter()
             .filter(|(r, _, _)| r == role)
             .map(|(_, _, s)| s.usage(PEAK_WINDOW_S))
@@ -381,7 +382,7 @@ impl CpuWatch {
 
     fn total(&self) -> Usage {
         let mut sum = Usage::default();
-        for (_, _, s) in &self.groups {
+        for (_, _, s) in &self.processes {
             let u = s.usage(PEAK_WINDOW_S);
             sum.average += u.average;
             sum.peak += u.peak;
@@ -482,12 +483,9 @@ fn matrix(env: &Env, params: &MatrixParams, smoke: bool, out: &Path) -> Result<(
                     .map_err(|e| format!("model-load: {e} (run `make sim`)"))?;
                 let mut load = Proc::new(load, "model-load");
                 let mut watch = CpuWatch::new(vec![
-                    (render::LOAD.into(), vec![load.pid()]),
-                    (render::ENVOY.into(), vec![envoy.pid()]),
-                    (
-                        render::SERVER.into(),
-                        servers.iter().map(Proc::pid).collect(),
-                    ),
+                    (render::LOAD, vec![load.pid()]),
+                    (render::ENVOY, vec![envoy.pid()]),
+                    (render::SERVER, servers.iter().map(Proc::pid).collect()),
                 ]);
                 let status = watch.wait(&mut load.child)?;
                 if !status.success() {
@@ -633,9 +631,9 @@ fn overhead(env: &Env, params: &OverheadParams, smoke: bool, out: &Path) -> Resu
                     .map_err(|e| format!("wrk: {e} (make bench-overhead installs it)"))?;
                 let mut wrk = Proc::new(wrk, "wrk");
                 let mut watch = CpuWatch::new(vec![
-                    ("proxy".into(), vec![proxy.pid()]),
-                    ("backend".into(), vec![backend.pid()]),
-                    ("wrk".into(), vec![wrk.pid()]),
+                    ("proxy", vec![proxy.pid()]),
+                    ("backend", vec![backend.pid()]),
+                    ("wrk", vec![wrk.pid()]),
                 ]);
                 watch.wait(&mut wrk.child)?;
                 let proxy_cpu_s = process_cpu_s(proxy.pid()).unwrap_or(0.0) - before;
