@@ -59,45 +59,51 @@ pub fn plugin_config(variant: &Variant, ports: &[u16]) -> Value {
     Value::Object(config)
 }
 
+/// An HTTP filter that runs `file` in the wasm VM `vm_id`; `plugin` is the rest of the plugin's
+/// `config` (name, root id, configuration).
+fn wasm_filter(filter_name: &str, vm_id: &str, file: &str, plugin: Value) -> Value {
+    let mut config = match plugin {
+        Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    };
+    config.insert(
+        "vm_config".into(),
+        json!({"vm_id": vm_id, "runtime": "envoy.wasm.runtime.v8", "code": {"local": {"filename": file}}}),
+    );
+    json!({
+        "name": filter_name,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": config
+        }
+    })
+}
+
 fn listener(variant: &Variant, wasm: &str, ports: &[u16]) -> Value {
     let mut filters = Vec::new();
     if variant.policy.uses_filter() {
-        filters.push(json!({
-            "name": "model_lb",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                "config": {
-                    "name": format!("model_lb_{}", variant.name),
-                    "root_id": "model_lb",
-                    "fail_open": false,
-                    "vm_config": {
-                        "vm_id": "model_lb",
-                        "runtime": "envoy.wasm.runtime.v8",
-                        "code": {"local": {"filename": wasm}}
-                    },
-                    "configuration": {
-                        "@type": "type.googleapis.com/google.protobuf.StringValue",
-                        "value": plugin_config(variant, ports).to_string()
-                    }
+        filters.push(wasm_filter(
+            "model_lb",
+            "model_lb",
+            wasm,
+            json!({
+                "name": format!("model_lb_{}", variant.name),
+                "root_id": "model_lb",
+                "fail_open": false,
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": plugin_config(variant, ports).to_string()
                 }
-            }
-        }));
+            }),
+        ));
     }
     if let Some(noop) = &variant.noop_wasm {
-        filters.push(json!({
-            "name": "noop",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                "config": {
-                    "name": format!("noop_{}", variant.name),
-                    "vm_config": {
-                        "vm_id": "noop",
-                        "runtime": "envoy.wasm.runtime.v8",
-                        "code": {"local": {"filename": noop}}
-                    }
-                }
-            }
-        }));
+        filters.push(wasm_filter(
+            "noop",
+            "noop",
+            noop,
+            json!({"name": format!("noop_{}", variant.name)}),
+        ));
     }
     filters.push(json!({"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}));
     json!({
