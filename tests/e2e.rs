@@ -149,11 +149,7 @@ fn counts_return_to_zero_after_aborts_resets_timeouts_and_refused_connections() 
     let workers: Vec<_> = (0..12)
         .map(|i| {
             thread::spawn(move || {
-                let headers: &[(&str, &str)] = match i % 3 {
-                    0 => &[("x-test-reset", "1")],
-                    1 => &[HOLD],
-                    _ => &[("x-test-delay-ms", "50")],
-                };
+                let headers = reset_hold_or_short(i);
                 request(listener, "/v1/completions", headers)
                     .unwrap()
                     .status

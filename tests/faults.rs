@@ -296,11 +296,7 @@ fn route_timeouts_and_upstream_resets_under_load_leave_nothing_counted() {
     let workers: Vec<_> = (0..60)
         .map(|i| {
             thread::spawn(move || {
-                let headers: &[(&str, &str)] = match i % 3 {
-                    0 => &[("x-test-reset", "1")],
-                    1 => &[HOLD],
-                    _ => &[("x-test-delay-ms", "50")],
-                };
+                let headers = reset_hold_or_short(i);
                 (
                     i % 3,
                     request(listener, "/v1/completions", headers)

@@ -398,6 +398,16 @@ pub fn validate_file(path: &Path) -> (bool, String) {
 
 pub const HOLD: (&str, &str) = ("x-test-hold", "1");
 
+/// Request headers that make the i-th of a mixed batch end three ways in turn: an upstream
+/// reset, a request held until the route times out or the test releases it, a short success.
+pub fn reset_hold_or_short(i: usize) -> &'static [(&'static str, &'static str)] {
+    match i % 3 {
+        0 => &[("x-test-reset", "1")],
+        1 => &[HOLD],
+        _ => &[("x-test-delay-ms", "50")],
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Pool
 
