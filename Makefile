@@ -11,7 +11,7 @@ SUDO          := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export ENVOY_BIN := $(abspath $(ENVOY))
 
-.PHONY: build sim envoy demo bench bench-overhead test unit e2e lint fmt fuzz clean wasm-target python-venv compose-tool wrk-tool noop-filter
+.PHONY: build sim envoy demo bench bench-overhead test unit e2e lint fmt fuzz clean wasm-target python-venv compose-tool wrk-tool noop-filter crash-wasm
 
 ## build: the filter, target/wasm32-wasip1/release/model_lb.wasm
 build: wasm-target
@@ -48,6 +48,10 @@ bench: build sim envoy
 bench-overhead: build noop-filter sim envoy wrk-tool
 	target/sim/model-bench overhead
 
+# The filter with the test-only crash switch, in its own target dir so it never replaces the real one.
+crash-wasm: wasm-target
+	cargo build --release --target wasm32-wasip1 --features test-vm-crash --target-dir target/test-vm-crash
+
 # A proxy-wasm filter that does nothing: the overhead benchmark's floor for any wasm filter.
 noop-filter: wasm-target
 	cargo build --release --target wasm32-wasip1 -p noop-filter
@@ -56,14 +60,14 @@ wrk-tool:
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
 
 ## test: lint, native unit tests, end-to-end tests against a real Envoy, a short fuzz run
-test: lint build noop-filter sim envoy compose-tool wrk-tool
+test: lint build crash-wasm noop-filter sim envoy compose-tool wrk-tool
 	cargo test --workspace --all-targets
 	$(MAKE) fuzz FUZZ_SECONDS=20
 
 unit:
 	cargo test --workspace --lib --bins
 
-e2e: build noop-filter sim envoy compose-tool wrk-tool
+e2e: build crash-wasm noop-filter sim envoy compose-tool wrk-tool
 	cargo test -p model-lb --test '*'
 
 # Debian's docker-compose (v1) validates the compose demo without a Docker engine.
@@ -84,6 +88,7 @@ lint: wasm-target
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy -p model-lb -p noop-filter --target wasm32-wasip1 -- -D warnings
+	cargo clippy -p model-lb --target wasm32-wasip1 --features test-vm-crash --target-dir target/test-vm-crash -- -D warnings
 
 fmt:
 	cargo fmt --all

@@ -616,3 +616,61 @@ fn a_followed_cluster_membership_adds_and_removes_endpoints_live() {
         left.as_secs_f64()
     );
 }
+
+#[test]
+fn the_counts_of_a_vm_that_dies_holding_a_request_are_reclaimed_when_its_lease_runs_out() {
+    let lease_ms = 1500;
+    let pool = Pool::start_configured(
+        "LEAST_OUTSTANDING_REQUESTS",
+        &format!(r#""vm_lease_ttl_ms": {lease_ms}"#),
+        |config| config.with_listener_running("crashing", &crash_wasm_path()),
+    );
+    let crashing = pool.envoy.listener_address("crashing");
+
+    // The crash build routes the request (taking a count in the shared table), then traps.
+    let answer = request(
+        crashing,
+        "/v1/completions",
+        &[("x-model-lb-test-crash", "1")],
+    );
+    let died = Instant::now();
+    assert!(
+        answer.as_ref().map_or(true, |r| r.status >= 500),
+        "a crashed VM cannot have served the request: {:?}",
+        answer.map(|r| r.status)
+    );
+    assert_eq!(pool.total_active(), 0, "nothing reached a backend");
+    // Until its lease runs out, the dead VM's count stands: no other VM may take it back early,
+    // a stalled VM looks just the same.
+    wait_until(
+        Duration::from_secs(5),
+        "the leader to publish the dead VM's count",
+        || pool.envoy.in_flight(CLUSTER).1 == 1,
+    );
+
+    pool.envoy.wait_for_zero_in_flight(CLUSTER);
+    let reclaimed_after = died.elapsed();
+    assert!(
+        reclaimed_after >= Duration::from_millis(lease_ms),
+        "reclaimed after {reclaimed_after:?}, before the {lease_ms} ms lease ran out"
+    );
+    assert_eq!(stat(&pool, "reclaimed_requests"), 1);
+    assert_eq!(stat(&pool, "reaped_vms"), 1);
+    assert!(
+        pool.envoy
+            .log()
+            .contains("reclaimed 1 in-flight requests from 1 worker VMs"),
+        "{}",
+        pool.envoy.log()
+    );
+    eprintln!(
+        "the dead VM's count was reclaimed {reclaimed_after:?} after it died (lease {lease_ms} ms)"
+    );
+
+    // The live VMs balance exactly again.
+    let held = pool.hold(6);
+    assert_eq!(pool.active_per_backend(), vec![2, 2, 2]);
+    pool.release(held);
+    pool.envoy.wait_for_zero_in_flight(CLUSTER);
+    assert_no_corrections(&pool);
+}

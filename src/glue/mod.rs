@@ -363,6 +363,11 @@ impl Filter {
     }
 }
 
+/// Only in the test build (`--features test-vm-crash`): a request carrying this header makes
+/// the VM trap right after routing it, so the end-to-end tests can kill a VM holding a count.
+#[cfg(feature = "test-vm-crash")]
+const TEST_CRASH_HEADER: &str = "x-model-lb-test-crash";
+
 struct Request {
     filter: Option<Rc<Filter>>,
     ticket: Option<Ticket>,
@@ -412,6 +417,11 @@ impl HttpContext for Request {
             if self.ticket.is_none() {
                 self.ticket = filter.route();
             }
+        }
+        #[cfg(feature = "test-vm-crash")]
+        if self.ticket.is_some() && self.get_http_request_header(TEST_CRASH_HEADER).is_some() {
+            // Dies holding the count it just took: a VM crash, as the other VMs see it.
+            core::arch::wasm32::unreachable();
         }
         Action::Continue
     }

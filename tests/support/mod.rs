@@ -45,6 +45,18 @@ pub fn wasm_path() -> PathBuf {
     path
 }
 
+/// The filter built with `--features test-vm-crash` (`make crash-wasm`): the header
+/// `x-model-lb-test-crash` makes its VM trap right after routing.
+pub fn crash_wasm_path() -> PathBuf {
+    let path = repo_root().join("target/test-vm-crash/wasm32-wasip1/release/model_lb.wasm");
+    assert!(
+        path.exists(),
+        "{} is missing: run `make crash-wasm` (or `make test`) first",
+        path.display()
+    );
+    path
+}
+
 /// Polls `condition` until it holds or `timeout` passes; for state that only the system under
 /// test can change (stats, backend counters), with no fixed sleeps.
 pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
@@ -137,6 +149,21 @@ impl EnvoyConfig {
             "envoy.yaml no longer contains {from:?}"
         );
         self.yaml = self.yaml.replace(from, to);
+        self
+    }
+
+    /// Adds a copy of the `models` listener named `name` whose filter runs `wasm` instead: a
+    /// second VM (other code) in the same `vm_id`, so it shares the routing table.
+    pub fn with_listener_running(mut self, name: &str, wasm: &Path) -> Self {
+        let start = self
+            .yaml
+            .find("  - name: models\n")
+            .expect("models listener");
+        let end = self.yaml.find("  clusters:\n").expect("static clusters");
+        let copy = self.yaml[start..end]
+            .replacen("  - name: models\n", &format!("  - name: {name}\n"), 1)
+            .replace(wasm_path().to_str().unwrap(), wasm.to_str().unwrap());
+        self.yaml.insert_str(end, &copy);
         self
     }
 
@@ -256,7 +283,7 @@ impl Envoy {
         Ok(envoy)
     }
 
-    fn listener_address(&self, name: &str) -> SocketAddr {
+    pub fn listener_address(&self, name: &str) -> SocketAddr {
         let body = get(self.admin, "/listeners?format=json").unwrap().text();
         let listeners: serde_json::Value = serde_json::from_str(&body).unwrap();
         for l in listeners["listener_statuses"].as_array().unwrap() {
