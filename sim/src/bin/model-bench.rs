@@ -39,6 +39,8 @@ const PEAK_WINDOW_S: f64 = 1.0;
 /// Every child alive, so that a Ctrl-C or `kill` of model-bench stops them too (Drop does not
 /// run when a signal ends the process).
 static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+/// The run's scratch directory, removed on a signal too.
+static WORK_DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
 
 fn terminate(pid: u32) {
     let _ = Command::new("kill")
@@ -74,11 +76,30 @@ fn stop_children_on_signal() {
             "model-bench: interrupted; stopping {} process(es)",
             pids.len()
         );
-        for pid in pids {
+        for &pid in &pids {
             terminate(pid);
+        }
+        // Let them exit (they may still write logs) before their directory goes.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline && pids.iter().any(|&pid| is_running(pid)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Some(dir) = WORK_DIR.lock().ok().and_then(|d| d.clone()) {
+            let _ = std::fs::remove_dir_all(dir);
         }
         std::process::exit(130);
     });
+}
+
+/// Whether `pid` is alive (an exited child nobody has waited for is a zombie: not running).
+fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(") ")
+                .map(|(_, rest)| !rest.starts_with('Z'))
+        })
+        .unwrap_or(false)
 }
 
 /// A child process that is stopped (TERM, then KILL) when dropped.
@@ -156,6 +177,9 @@ impl Env {
         }
         let work = std::env::temp_dir().join(format!("model-bench-{}", std::process::id()));
         std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+        if let Ok(mut dir) = WORK_DIR.lock() {
+            *dir = Some(work.clone());
+        }
         Ok(Self {
             envoy,
             wasm,
