@@ -70,8 +70,8 @@ fn the_seed_matrix_smoke_run_writes_json_markdown_and_svg() {
     assert!(svg.contains("<svg") && svg.trim_end().ends_with("</svg>"));
     assert_eq!(
         svg.matches("<polyline").count(),
-        10,
-        "two panels x five policies"
+        15,
+        "three panels x five policies"
     );
     let _ = std::fs::remove_dir_all(&out);
 }

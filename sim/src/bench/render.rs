@@ -376,34 +376,17 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// Two panels like SageMaker's charts: P99 latency and throughput per instance against the
-/// number of instances, one polyline per policy, the ideal as a dashed path.
+/// SageMaker's two charts, P99 latency and throughput per instance against the number of
+/// instances, plus time to first token P99, where queueing for a batch slot shows first; one
+/// polyline per policy, the ideal as a dashed path (the model gives none for TTFT).
 pub fn svg(cells: &[Cell], policies: &[Policy], ideals: &[Ideal], title: &str) -> String {
-    let (panel_w, panel_h) = (480.0_f64, 330.0_f64);
-    let (left, right, top, bottom) = (70.0, 20.0, 50.0, 55.0);
+    let (panel_w, panel_h) = (420.0_f64, 330.0_f64);
+    let (left, right, top, bottom) = (70.0, 28.0, 50.0, 55.0);
     let legend_rows = policies.len().div_ceil(3) + 1;
     let height = panel_h + 30.0 + 20.0 * legend_rows as f64 + 10.0;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" viewBox=\"0 0 {} {height}\" font-family=\"sans-serif\" font-size=\"12\">",
-        2.0 * panel_w,
-        2.0 * panel_w
-    );
-    let _ = writeln!(out, "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>");
-    let _ = writeln!(
-        out,
-        "<text x=\"{}\" y=\"20\" text-anchor=\"middle\" font-size=\"14\" font-weight=\"bold\">{}</text>",
-        panel_w,
-        esc(title)
-    );
-    let x_max = f64::from(cells.iter().map(|c| c.instances).max().unwrap_or(1).max(1));
-    let mut xs: Vec<u32> = cells.iter().map(|c| c.instances).collect();
-    xs.sort_unstable();
-    xs.dedup();
     type Metric = fn(&Cell) -> Option<f64>;
     type IdealMetric = fn(&Ideal) -> Option<f64>;
-    let panels: [(&str, Metric, IdealMetric); 2] = [
+    let panels: [(&str, Metric, IdealMetric); 3] = [
         (
             "P99 end-to-end latency (ms)",
             |c| c.stats.p99_ms,
@@ -414,7 +397,29 @@ pub fn svg(cells: &[Cell], policies: &[Policy], ideals: &[Ideal], title: &str) -
             |c| Some(c.stats.throughput_per_instance_per_min),
             |i| i.throughput_per_instance_per_min,
         ),
+        (
+            "Time to first token P99 (ms)",
+            |c| c.stats.ttft_p99_ms,
+            |_| None,
+        ),
     ];
+    let width = panels.len() as f64 * panel_w;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" viewBox=\"0 0 {width} {height}\" font-family=\"sans-serif\" font-size=\"12\">"
+    );
+    let _ = writeln!(out, "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>");
+    let _ = writeln!(
+        out,
+        "<text x=\"{}\" y=\"20\" text-anchor=\"middle\" font-size=\"14\" font-weight=\"bold\">{}</text>",
+        width / 2.0,
+        esc(title)
+    );
+    let x_max = f64::from(cells.iter().map(|c| c.instances).max().unwrap_or(1).max(1));
+    let mut xs: Vec<u32> = cells.iter().map(|c| c.instances).collect();
+    xs.sort_unstable();
+    xs.dedup();
     for (panel, (label, metric, ideal_metric)) in panels.iter().enumerate() {
         let ox = panel as f64 * panel_w;
         let y_data = cells
@@ -642,7 +647,7 @@ mod tests {
     }
 
     #[test]
-    fn svg_parses_with_two_panels_and_a_polyline_per_policy_and_panel() {
+    fn svg_parses_with_three_panels_and_a_polyline_per_policy_and_panel() {
         let r = report();
         let text = svg(&r.cells, &r.params.policies, &r.ideals, "t <&>");
         let doc = roxmltree::Document::parse(&text).unwrap();
@@ -651,18 +656,25 @@ mod tests {
                 .filter(|n| n.tag_name().name() == name)
                 .count()
         };
-        assert_eq!(count("polyline"), 10);
+        assert_eq!(count("polyline"), 15);
         assert_eq!(
             doc.descendants()
                 .filter(|n| n.attribute("class") == Some("panel"))
                 .count(),
-            2
+            3
         );
-        assert_eq!(count("circle"), 20);
+        assert_eq!(count("circle"), 30);
+        // The ideal: P99 and throughput only, the model predicts no TTFT.
+        assert_eq!(count("path"), 2);
+        assert!(texts_of(&doc).contains(&"Time to first token P99 (ms)"));
         let texts: Vec<&str> = doc.descendants().filter_map(|n| n.text()).collect();
         assert!(texts.contains(&"instances (4 users per instance)"));
         assert!(texts.contains(&"model-lb LEAST_OUTSTANDING_REQUESTS"));
         assert!(texts.contains(&"t <&>"));
+    }
+
+    fn texts_of<'a>(doc: &'a roxmltree::Document<'a>) -> Vec<&'a str> {
+        doc.descendants().filter_map(|n| n.text()).collect()
     }
 
     #[test]
