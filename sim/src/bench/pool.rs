@@ -296,14 +296,6 @@ fn balanced_batch(users: u32, instances: u32, max_batch: usize) -> usize {
         .clamp(1, max_batch)
 }
 
-/// Relative change of `value` against `base`, in percent.
-pub fn change(base: Option<f64>, value: Option<f64>) -> Option<f64> {
-    match (base, value) {
-        (Some(b), Some(v)) if b > 0.0 => Some(100.0 * (v - b) / b),
-        _ => None,
-    }
-}
-
 /// `value / base`.
 pub fn ratio(base: Option<f64>, value: Option<f64>) -> Option<f64> {
     match (base, value) {
@@ -503,8 +495,6 @@ mod tests {
         assert_eq!(c[0].p99_ratio, Some(0.5));
         // LOR: 20 completions / (2 x 10 s x 5) ; RANDOM: 20 / (10 s x 5): half.
         assert_eq!(c[0].throughput_ratio, Some(0.5));
-        assert_eq!(change(Some(200.0), Some(150.0)), Some(-25.0));
-        assert_eq!(change(None, Some(1.0)), None);
         assert_eq!(ratio(Some(0.0), Some(1.0)), None);
     }
 
