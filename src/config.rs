@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use serde_json::{Map, Value};
 
 use crate::health::PassivePolicy;
+use crate::outcome::DEFAULT_MAX_BLAMED_BODY_BYTES;
 use crate::select::Strategy;
 
 pub const DEFAULT_ENDPOINT_HEADER: &str = "x-gateway-destination-endpoint";
@@ -35,6 +36,14 @@ const MAX_HOUSEKEEPING_INTERVAL_MS: u64 = 60_000;
 const MIN_LEASE_INTERVALS: u64 = 3;
 const MAX_VM_LEASE_TTL_MS: u64 = 3_600_000;
 const MAX_CLUSTER_NAME_LEN: usize = 128;
+const MAX_BLAMED_BODY_BYTES: u64 = 1 << 30;
+/// Settings of passive health; rejected when it is off, so nobody tunes a switched-off feature.
+const PASSIVE_HEALTH_FIELDS: [&str; 4] = [
+    "failure_threshold",
+    "ejection_base_ms",
+    "ejection_max_ms",
+    "max_blamed_body_bytes",
+];
 
 const FIELDS: &[&str] = &[
     "routing_strategy",
@@ -48,6 +57,7 @@ const FIELDS: &[&str] = &[
     "failure_threshold",
     "ejection_base_ms",
     "ejection_max_ms",
+    "max_blamed_body_bytes",
     "admin_cluster",
     "admin_poll_interval_ms",
     "watch_cluster",
@@ -142,7 +152,7 @@ fn from_object(object: &Map<String, Value>) -> Result<Config, ConfigError> {
     if let Some(unknown) = object.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(ConfigError::field(
             truncate(unknown, 80),
-            format!("unknown field; known fields are {}", FIELDS.join(", ")),
+            unknown_field_message(unknown, FIELDS),
         ));
     }
 
@@ -224,6 +234,17 @@ fn from_object(object: &Map<String, Value>) -> Result<Config, ConfigError> {
         None => true,
         Some(value) => bool_field("passive_health", value)?,
     };
+    if !passive_health {
+        if let Some(dependent) = PASSIVE_HEALTH_FIELDS
+            .iter()
+            .find(|f| object.contains_key(**f))
+        {
+            return Err(ConfigError::field(
+                *dependent,
+                "has no effect with \"passive_health\": false; remove it or enable passive_health",
+            ));
+        }
+    }
     let failure_threshold = match object.get("failure_threshold") {
         None => DEFAULT_FAILURE_THRESHOLD,
         Some(value) => integer_field("failure_threshold", value, 1, 1_000)?,
@@ -237,10 +258,15 @@ fn from_object(object: &Map<String, Value>) -> Result<Config, ConfigError> {
         // At least the base: the range in the error message says so.
         Some(value) => integer_field("ejection_max_ms", value, base_ejection_ms, MAX_DURATION_MS)?,
     };
+    let max_blamed_body_bytes = match object.get("max_blamed_body_bytes") {
+        None => DEFAULT_MAX_BLAMED_BODY_BYTES,
+        Some(value) => integer_field("max_blamed_body_bytes", value, 0, MAX_BLAMED_BODY_BYTES)?,
+    };
     let passive = passive_health.then_some(PassivePolicy {
         failure_threshold: failure_threshold as u16,
         base_ejection_ms,
         max_ejection_ms,
+        max_blamed_body_bytes,
     });
 
     let admin = match object.get("admin_cluster") {
@@ -486,6 +512,37 @@ fn type_name(value: &Value) -> &'static str {
     }
 }
 
+/// A typo gets a suggestion; anything else gets the list, so the fix is in the log line itself.
+fn unknown_field_message(unknown: &str, known: &[&str]) -> String {
+    let closest = known
+        .iter()
+        .map(|k| (edit_distance(unknown, k), *k))
+        .min()
+        .filter(|(distance, _)| *distance <= 3);
+    match closest {
+        Some((_, suggestion)) => format!("unknown field; did you mean \"{suggestion}\"?"),
+        None => format!("unknown field; known fields are {}", known.join(", ")),
+    }
+}
+
+/// Levenshtein distance, cut short for long inputs: only near misses matter here.
+fn edit_distance(a: &str, b: &str) -> usize {
+    if a.len() > 64 || b.len() > 64 {
+        return usize::MAX;
+    }
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != *cb);
+            current[j + 1] = substitution.min(previous[j + 1] + 1).min(current[j] + 1);
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
 /// Hostile configs can carry megabyte-long strings; a log line should not.
 fn truncate(text: &str, max_chars: usize) -> String {
     match text.char_indices().nth(max_chars) {
@@ -524,7 +581,8 @@ mod tests {
             Some(PassivePolicy {
                 failure_threshold: 3,
                 base_ejection_ms: 5_000,
-                max_ejection_ms: 300_000
+                max_ejection_ms: 300_000,
+                max_blamed_body_bytes: 65_536,
             })
         );
         assert_eq!(config.admin, None);
@@ -617,6 +675,11 @@ mod tests {
                 "known fields are routing_strategy",
             ),
             (
+                r#"{"endpoints": ["1.1.1.1:1"], "endpont_header": "x"}"#,
+                "endpont_header",
+                "did you mean \"endpoint_header\"?",
+            ),
+            (
                 r#"{"endpoints": ["1.1.1.1:1"], "routing_strategy": "LOR"}"#,
                 "routing_strategy",
                 "\"LEAST_OUTSTANDING_REQUESTS\", \"RANDOM\"",
@@ -705,6 +768,16 @@ mod tests {
                 "integer from 50",
             ),
             (
+                r#"{"endpoints": ["1.1.1.1:1"], "passive_health": false, "failure_threshold": 2}"#,
+                "failure_threshold",
+                "no effect with \"passive_health\": false",
+            ),
+            (
+                r#"{"endpoints": ["1.1.1.1:1"], "max_blamed_body_bytes": -5}"#,
+                "max_blamed_body_bytes",
+                "integer from 0 to 1073741824",
+            ),
+            (
                 r#"{"endpoints": ["1.1.1.1:1"], "vm_lease_ttl_ms": 2000}"#,
                 "vm_lease_ttl_ms",
                 "shorter than 3 housekeeping intervals",
@@ -743,14 +816,14 @@ mod tests {
         let long = "a".repeat(1 << 20);
         let err = error_of(&format!("{{\"endpoints\": [\"{long}\"]}}"));
         assert!(
-            err.to_string().len() < 400,
+            err.to_string().len() < 600,
             "message is {} bytes",
             err.to_string().len()
         );
         let err = error_of(&format!(
             "{{\"endpoints\": [\"1.1.1.1:1\"], \"cluster\": \"{long}\"}}"
         ));
-        assert!(err.to_string().len() < 400);
+        assert!(err.to_string().len() < 600);
         // Both found by the fuzzer: a huge strategy name and a huge unknown field name.
         for document in [
             format!("{{\"endpoints\": [\"1.1.1.1:1\"], \"routing_strategy\": \"{long}\"}}"),
@@ -758,7 +831,7 @@ mod tests {
         ] {
             let err = error_of(&document);
             assert!(
-                err.to_string().len() < 400,
+                err.to_string().len() < 600,
                 "{} bytes",
                 err.to_string().len()
             );

@@ -43,6 +43,8 @@ pub struct PassivePolicy {
     pub failure_threshold: u16,
     pub base_ejection_ms: u64,
     pub max_ejection_ms: u64,
+    /// Resets of requests with a larger body are not held against the endpoint (see `outcome`).
+    pub max_blamed_body_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +130,7 @@ mod tests {
         failure_threshold: 3,
         base_ejection_ms: 1_000,
         max_ejection_ms: 5_000,
+        max_blamed_body_bytes: 65_536,
     };
 
     #[test]

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod config;
 pub mod health;
 pub mod membership;
+pub mod outcome;
 pub mod rng;
 pub mod select;
 pub mod store;

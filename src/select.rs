@@ -66,11 +66,26 @@ pub struct Selection {
     len: u8,
 }
 
+impl Default for Selection {
+    fn default() -> Self {
+        Self::EMPTY
+    }
+}
+
 impl Selection {
     const EMPTY: Self = Self {
         endpoints: [0; MAX_SELECTION],
         len: 0,
     };
+
+    /// A selection of the given endpoints, in order (at most [`MAX_SELECTION`]).
+    pub fn from_slice(endpoints: &[u16]) -> Self {
+        let mut selection = Self::EMPTY;
+        for &e in endpoints.iter().take(MAX_SELECTION) {
+            selection.push(usize::from(e));
+        }
+        selection
+    }
 
     pub fn as_slice(&self) -> &[u16] {
         &self.endpoints[..usize::from(self.len)]

@@ -100,6 +100,11 @@ impl Ticket {
     pub fn endpoint_address(&self) -> &str {
         &self.membership.endpoints()[usize::from(self.endpoint)]
     }
+
+    /// The addresses the request's selection indexes into.
+    pub fn endpoints(&self) -> &[String] {
+        self.membership.endpoints()
+    }
 }
 
 #[derive(Debug)]

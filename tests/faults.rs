@@ -235,10 +235,12 @@ fn closed_loop(
 }
 
 fn fast_failing_share(passive_health: bool) -> (f64, usize) {
-    let extra = format!(
-        r#""passive_health": {passive_health}, "ejection_base_ms": 1000, "ejection_max_ms": 4000"#
-    );
-    let pool = Pool::start_configured("LEAST_OUTSTANDING_REQUESTS", &extra, |c| c);
+    let extra = if passive_health {
+        r#""ejection_base_ms": 1000, "ejection_max_ms": 4000"#
+    } else {
+        r#""passive_health": false"#
+    };
+    let pool = Pool::start_configured("LEAST_OUTSTANDING_REQUESTS", extra, |c| c);
     let bad = pool.backends[0].id();
     pool.backends[0].fail_fast();
     // Healthy backends take 100 ms per request; the bad one answers 503 at once.
@@ -283,6 +285,124 @@ fn a_backend_that_fails_instantly_does_not_attract_traffic() {
         "fast-failing backend still got {:.1} %",
         100.0 * protected
     );
+}
+
+/// One of the hostile requests a client may send; `i` cycles through the kinds.
+fn hostile_request(listener: std::net::SocketAddr, i: usize) -> Option<u16> {
+    let post = |body_len: usize, extra_header: &str| {
+        let mut bytes = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: models\r\ncontent-type: application/json\r\n{extra_header}content-length: {body_len}\r\nconnection: close\r\n\r\n"
+        )
+        .into_bytes();
+        bytes.resize(bytes.len() + body_len, b'x');
+        bytes
+    };
+    match i % 5 {
+        // A 5 MB body: the backend answers 413 and closes, which Envoy sees as a reset.
+        0 => raw_exchange(listener, &post(5 << 20, ""))
+            .ok()
+            .map(|r| r.status),
+        // Just over the backend's limit.
+        1 => raw_exchange(listener, &post(BACKEND_MAX_BODY + 4096, ""))
+            .ok()
+            .map(|r| r.status),
+        // An upload abandoned half-way.
+        2 => {
+            let _ = abandoned_upload(listener, 5 << 20, 256 << 10);
+            None
+        }
+        // Not HTTP: Envoy answers 400 itself.
+        3 => raw_exchange(
+            listener,
+            b"POST /v1/completions HTTP/1.1\r\nhost: models\r\nthis is not a header\r\n\r\n",
+        )
+        .ok()
+        .map(|r| r.status),
+        // A 100 KB header: Envoy answers 431 itself.
+        _ => raw_exchange(
+            listener,
+            &post(2, &format!("x-junk: {}\r\n", "j".repeat(100 << 10))),
+        )
+        .ok()
+        .map(|r| r.status),
+    }
+}
+
+#[test]
+fn oversized_and_malformed_requests_never_eject_a_healthy_backend() {
+    const HOSTILE: usize = 100;
+    let pool = Pool::start_configured(
+        "LEAST_OUTSTANDING_REQUESTS",
+        FAST_HEALTH,
+        fast_health_checks,
+    );
+    let listener = pool.envoy.listener;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Ordinary traffic throughout, from two clients.
+    let normal: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = std::sync::Arc::clone(&stop);
+            thread::spawn(move || {
+                let mut responses = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    responses.push(
+                        request(listener, "/v1/completions", &[("x-test-delay-ms", "20")]).unwrap(),
+                    );
+                }
+                responses
+            })
+        })
+        .collect();
+    let attackers: Vec<_> = (0..4)
+        .map(|t| {
+            thread::spawn(move || {
+                (t..HOSTILE)
+                    .step_by(4)
+                    .filter_map(|i| hostile_request(listener, i))
+                    .collect::<Vec<u16>>()
+            })
+        })
+        .collect();
+    let mut statuses: Vec<u16> = attackers
+        .into_iter()
+        .flat_map(|a| a.join().unwrap())
+        .collect();
+    // Two more stat flushes with traffic flowing, so any ejection the attack caused shows.
+    for _ in 0..2 {
+        let decided = stat(&pool, "decisions.least_outstanding_requests");
+        wait_until(Duration::from_secs(10), "a stat flush", || {
+            stat(&pool, "decisions.least_outstanding_requests") > decided
+        });
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let responses: Vec<Response> = normal.into_iter().flat_map(|n| n.join().unwrap()).collect();
+    statuses.sort();
+    statuses.dedup();
+    eprintln!(
+        "FIGURE hostile: {HOSTILE} hostile requests (statuses {statuses:?}) during {} ordinary ones: {} ejections, {} failures excused",
+        responses.len(),
+        stat(&pool, "ejections"),
+        stat(&pool, "excused_failures")
+    );
+    // The attack reached the backends and was recognised as the client's doing...
+    assert!(stat(&pool, "excused_failures") >= 20, "{statuses:?}");
+    // ...and changed nothing: no ejection, every backend eligible, ordinary traffic unharmed
+    // and still spread over all three.
+    assert_eq!(stat(&pool, "ejections"), 0);
+    assert_eq!(stat(&pool, "eligible_endpoints"), 3);
+    assert!(responses.iter().all(|r| r.status == 200));
+    let served = served_by(&responses);
+    for b in &pool.backends {
+        let n = served.get(&b.id()).copied().unwrap_or(0);
+        assert!(
+            n * 5 >= responses.len(),
+            "{} served only {n} of {}: {served:?}",
+            b.id(),
+            responses.len()
+        );
+    }
+    pool.envoy.wait_for_zero_in_flight(CLUSTER);
+    assert_no_corrections(&pool);
 }
 
 #[test]
@@ -659,7 +779,7 @@ fn the_counts_of_a_vm_that_dies_holding_a_request_are_reclaimed_when_its_lease_r
     assert!(
         pool.envoy
             .log()
-            .contains("reclaimed 1 in-flight requests from 1 worker VMs"),
+            .contains("reclaimed 1 in-flight request from 1 worker VM"),
         "{}",
         pool.envoy.log()
     );

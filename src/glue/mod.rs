@@ -16,7 +16,9 @@ use proxy_wasm::types::{Action, ContextType, LogLevel};
 use crate::admin;
 use crate::config::{self, Config};
 use crate::health::Outcome;
+use crate::outcome;
 use crate::rng::SplitMix64;
+use crate::select::Selection;
 use crate::tracker::{ClusterUpdate, Install, MembershipSource, PoolTracker, Ticket, TrackerError};
 use host::HostStore;
 use stats::{FailOpen, Stats};
@@ -39,7 +41,13 @@ struct AdminPollState {
     in_flight: Option<u32>,
     next_due_ms: u64,
     failing: bool,
+    /// Configured endpoints the watched cluster lacks, as last warned about.
+    missing_warned: Vec<String>,
+    missing_warned_at_ms: u64,
 }
+
+/// A misconfiguration that persists is repeated this often, not on every poll.
+const MISSING_WARNING_REPEAT_MS: u64 = 60_000;
 
 impl Context for Root {
     fn on_http_call_response(
@@ -113,6 +121,9 @@ impl RootContext for Root {
         Some(Box::new(Request {
             filter: self.filter.clone(),
             ticket: None,
+            selection: Selection::default(),
+            request_complete: false,
+            request_body_bytes: 0,
         }))
     }
 
@@ -172,9 +183,9 @@ impl Filter {
         let stats = Stats::new(&config, tracker.membership());
         if install != Install::Adopted {
             log::info!(
-                "model-lb: cluster \"{}\": {} endpoints, strategy {}, header \"{}\", {} fallbacks ({})",
+                "model-lb: cluster \"{}\": {}, strategy {}, header \"{}\", {} fallbacks ({})",
                 config.cluster,
-                config.endpoints.len(),
+                stats::counted(config.endpoints.len() as u64, "endpoint"),
                 config.strategy.name(),
                 config.endpoint_header,
                 config.fallback_endpoints,
@@ -195,7 +206,7 @@ impl Filter {
 
     /// Chooses the endpoints and writes them into the routing header. Whatever happens, the
     /// header a client sent does not survive: it is overwritten or removed.
-    fn route(&self) -> Option<Ticket> {
+    fn route(&self) -> Option<(Ticket, Selection)> {
         let (Ok(mut tracker), Ok(mut rng), Ok(mut stats)) = (
             self.tracker.try_borrow_mut(),
             self.rng.try_borrow_mut(),
@@ -220,7 +231,7 @@ impl Filter {
                     return None;
                 }
                 stats.routed(&routed);
-                Some(routed.ticket)
+                Some((routed.ticket, routed.selection))
             }
             Err(e) => {
                 self.fail_open(Some(&mut stats), FailOpen::from(&e));
@@ -265,11 +276,11 @@ impl Filter {
                 leader = report.leader;
                 if report.reaped.slots > 0 {
                     log::warn!(
-                        "model-lb: cluster \"{}\": reclaimed {} in-flight requests from {} worker \
-                         VMs that stopped heartbeating for {} ms",
+                        "model-lb: cluster \"{}\": reclaimed {} from {} that stopped \
+                         heartbeating for {} ms",
                         self.config.cluster,
-                        report.reaped.requests,
-                        report.reaped.slots,
+                        stats::counted(report.reaped.requests, "in-flight request"),
+                        stats::counted(report.reaped.slots, "worker VM"),
                         self.config.vm_lease_ttl_ms
                     );
                 }
@@ -284,9 +295,9 @@ impl Filter {
         }
         if events.pruned_endpoints > 0 {
             log::info!(
-                "model-lb: cluster \"{}\": removed {} idle endpoints that no live configuration lists",
+                "model-lb: cluster \"{}\": removed {} that no live configuration lists",
                 self.config.cluster,
-                events.pruned_endpoints
+                stats::counted(events.pruned_endpoints, "idle endpoint")
             );
         }
         for ejection in &events.ejections {
@@ -337,17 +348,16 @@ impl Filter {
                 for (address, healthy) in &update.health {
                     if *healthy {
                         log::info!("model-lb: cluster \"{cluster}\": {address} is healthy again; routing to it");
-                    } else if update.missing.contains(address) {
-                        log::warn!(
-                            "model-lb: cluster \"{cluster}\": {address} is not a host of the watched \
-                             Envoy cluster; not routing to it"
-                        );
-                    } else {
+                    } else if !update.missing.contains(address) {
                         log::warn!(
                             "model-lb: cluster \"{cluster}\": Envoy reports {address} unhealthy; not routing to it"
                         );
                     }
                 }
+                if let Ok(mut stats) = self.stats.try_borrow_mut() {
+                    stats.endpoints_not_in_cluster(update.missing.len());
+                }
+                self.warn_missing(poll, &update.missing);
             }
             Err(why) => {
                 // Once per outage, not once per poll.
@@ -363,6 +373,50 @@ impl Filter {
     }
 }
 
+impl Filter {
+    /// Endpoints the filter lists but the Envoy cluster lacks are never routed to, and requests
+    /// Envoy cannot match fall back to its own policy: say so when it starts, when it changes,
+    /// and once a minute while it lasts.
+    fn warn_missing(&self, poll: &mut AdminPollState, missing: &[String]) {
+        let now_ms = host::now_ms().unwrap_or(0);
+        let changed = poll.missing_warned != missing;
+        let due = now_ms
+            >= poll
+                .missing_warned_at_ms
+                .saturating_add(MISSING_WARNING_REPEAT_MS);
+        if missing.is_empty() {
+            if changed {
+                log::info!(
+                    "model-lb: cluster \"{}\": every endpoint is a host of the watched Envoy cluster again",
+                    self.config.cluster
+                );
+            }
+        } else if changed || due {
+            let watched = self
+                .config
+                .admin
+                .as_ref()
+                .map_or("", |a| a.watch_cluster.as_str());
+            log::warn!(
+                "model-lb: cluster \"{}\": {} not a host of the Envoy cluster \"{watched}\" \
+                 and never routed to: [{}]. List the cluster's hosts as ip:port in endpoints, \
+                 or use follow_membership",
+                self.config.cluster,
+                if missing.len() == 1 {
+                    "1 endpoint is"
+                } else {
+                    "endpoints are"
+                },
+                missing.join(", ")
+            );
+            poll.missing_warned_at_ms = now_ms;
+        }
+        if changed {
+            poll.missing_warned = missing.to_vec();
+        }
+    }
+}
+
 /// Only in the test build (`--features test-vm-crash`): a request carrying this header makes
 /// the VM trap right after routing it, so the end-to-end tests can kill a VM holding a count.
 #[cfg(feature = "test-vm-crash")]
@@ -371,6 +425,11 @@ const TEST_CRASH_HEADER: &str = "x-model-lb-test-crash";
 struct Request {
     filter: Option<Rc<Filter>>,
     ticket: Option<Ticket>,
+    /// The header list the filter wrote, to tell a retry onto a fallback from a host Envoy
+    /// picked on its own.
+    selection: Selection,
+    request_complete: bool,
+    request_body_bytes: u64,
 }
 
 impl Request {
@@ -381,41 +440,55 @@ impl Request {
         }
     }
 
-    /// What the finished stream says about its first-choice endpoint. Costs two property
-    /// reads, so only done when passive health is on.
-    fn outcome(&self) -> Outcome {
+    /// What the finished stream says about its first-choice endpoint, and whether Envoy used a
+    /// host the filter listed at all. One property read always (`upstream.address`), one more
+    /// with passive health (`response.code`), and a third only for a 5xx.
+    fn judge(&self) -> Outcome {
         let (Some(filter), Some(ticket)) = (&self.filter, &self.ticket) else {
             return Outcome::Neutral;
         };
-        if filter.config.passive.is_none() {
-            return Outcome::Neutral;
-        }
         // No upstream host at all: the request never got that far (e.g. a local reply).
         let Some(upstream) = host::property(&["upstream", "address"]) else {
             return Outcome::Neutral;
         };
-        if upstream != ticket.endpoint_address().as_bytes() {
-            // A retry moved it to a fallback: the first choice refused or reset it.
-            return Outcome::Failure;
+        let listed_at = outcome::listed_at(&self.selection, ticket.endpoints(), &upstream);
+        let passive = filter.config.passive.as_ref();
+        let code = match passive {
+            Some(_) => host::property(&["response", "code"])
+                .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+                .map_or(0, i64::from_le_bytes),
+            None => 0,
+        };
+        let finished = outcome::Finished {
+            listed_at,
+            code,
+            request_complete: self.request_complete,
+            request_body_bytes: self.request_body_bytes,
+        };
+        let verdict = passive.map(|policy| {
+            outcome::judge(&finished, policy.max_blamed_body_bytes, || {
+                host::property(&["response", "code_details"])
+                    .and_then(|bytes| String::from_utf8(bytes).ok())
+            })
+        });
+        if let Ok(mut stats) = filter.stats.try_borrow_mut() {
+            stats.finished(listed_at.is_some(), verdict.is_some_and(|v| v.excused));
         }
-        let code = host::property(&["response", "code"])
-            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
-            .map_or(0, i64::from_le_bytes);
-        match code {
-            500..=599 => Outcome::Failure,
-            1..=499 => Outcome::Success,
-            _ => Outcome::Neutral,
-        }
+        verdict.map_or(Outcome::Neutral, |v| v.outcome)
     }
 }
 
 impl Context for Request {}
 
 impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.request_complete = end_of_stream;
         if let Some(filter) = &self.filter {
             if self.ticket.is_none() {
-                self.ticket = filter.route();
+                if let Some((ticket, selection)) = filter.route() {
+                    self.ticket = Some(ticket);
+                    self.selection = selection;
+                }
             }
         }
         #[cfg(feature = "test-vm-crash")]
@@ -426,8 +499,20 @@ impl HttpContext for Request {
         Action::Continue
     }
 
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        // With Continue, Envoy hands over each chunk once: the sizes add up to the body.
+        self.request_body_bytes = self.request_body_bytes.saturating_add(body_size as u64);
+        self.request_complete |= end_of_stream;
+        Action::Continue
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        self.request_complete = true;
+        Action::Continue
+    }
+
     fn on_log(&mut self) {
-        let outcome = self.outcome();
+        let outcome = self.judge();
         self.finish(outcome);
     }
 }

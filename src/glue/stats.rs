@@ -107,9 +107,14 @@ pub struct Stats {
     pending_releases: Metric,
     admin_polls: Metric,
     admin_poll_errors: Metric,
+    unhonoured: Metric,
+    excused: Metric,
+    not_in_cluster: Metric,
     endpoints: Vec<EndpointMetrics>,
     endpoints_token: u64,
     decisions_delta: u64,
+    unhonoured_delta: u64,
+    excused_delta: u64,
     fail_open_delta: [u64; FailOpen::ALL.len()],
     routed_delta: Vec<u64>,
     /// This VM's contribution to the shared pending-releases gauge, which sums all VMs.
@@ -142,9 +147,14 @@ impl Stats {
             admin_polls: counter(&name("admin_polls")),
             admin_poll_errors: counter(&name("admin_poll_errors")),
             pending_releases: gauge(&name("pending_releases")),
+            unhonoured: counter(&name("unhonoured_decisions")),
+            excused: counter(&name("excused_failures")),
+            not_in_cluster: gauge(&name("endpoints_not_in_cluster")),
             endpoints: Vec::new(),
             endpoints_token: 0,
             decisions_delta: 0,
+            unhonoured_delta: 0,
+            excused_delta: 0,
             fail_open_delta: [0; FailOpen::ALL.len()],
             routed_delta: Vec::new(),
             pending_published: 0,
@@ -210,6 +220,17 @@ impl Stats {
         );
     }
 
+    /// A routed request ended: did Envoy use a host the filter listed, and was a failure
+    /// excused as the client's or Envoy's doing.
+    pub fn finished(&mut self, honoured: bool, excused: bool) {
+        self.unhonoured_delta += u64::from(!honoured);
+        self.excused_delta += u64::from(excused);
+    }
+
+    pub fn endpoints_not_in_cluster(&mut self, count: usize) {
+        set(self.not_in_cluster, count as u64);
+    }
+
     pub fn admin_poll(&mut self, ok: bool) {
         add(self.admin_polls, 1);
         if !ok {
@@ -231,6 +252,9 @@ impl Stats {
             add(*metric, std::mem::take(delta));
         }
         self.flush_routed();
+        let unhonoured = std::mem::take(&mut self.unhonoured_delta);
+        add(self.unhonoured, unhonoured);
+        add(self.excused, std::mem::take(&mut self.excused_delta));
         let e = &self.events;
         add(e.cas_conflicts, events.cas_conflicts);
         add(e.corrections, events.corrections);
@@ -253,16 +277,36 @@ impl Stats {
         // One line per interval, not per request, however many requests failed open.
         if failed_open > 0 {
             log::warn!(
-                "model-lb: cluster \"{cluster}\": {failed_open} requests failed open to the \
-                 cluster's fallback policy since the last tick (see model_lb.{cluster}.fail_open.*)"
+                "model-lb: cluster \"{cluster}\": {} failed open to the cluster's fallback \
+                 policy since the last tick (see model_lb.{cluster}.fail_open.*)",
+                counted(failed_open, "request")
+            );
+        }
+        if unhonoured > 0 {
+            log::warn!(
+                "model-lb: cluster \"{cluster}\": {} served by a host the filter did \
+                 not list since the last tick: Envoy's fallback policy picked instead. Check that \
+                 the filter's endpoints are the Envoy cluster's hosts (ip:port exactly) and that \
+                 the cluster's override_host policy reads the filter's endpoint_header",
+                counted(unhonoured, "request")
             );
         }
         if events.corrections > 0 {
             log::warn!(
-                "model-lb: cluster \"{cluster}\": {} in-flight counts were already zero when \
-                 decremented and were clamped",
-                events.corrections
+                "model-lb: cluster \"{cluster}\": {} already zero when decremented and \
+                 clamped",
+                counted(events.corrections, "in-flight count")
             );
         }
+    }
+}
+
+/// "1 request", "3 requests": log lines read better without "1 requests".
+pub fn counted(count: impl Into<u64>, noun: &str) -> String {
+    let count = count.into();
+    if count == 1 {
+        format!("{count} {noun}")
+    } else {
+        format!("{count} {noun}s")
     }
 }

@@ -553,6 +553,7 @@ const PASSIVE: PassivePolicy = PassivePolicy {
     failure_threshold: 3,
     base_ejection_ms: 5_000,
     max_ejection_ms: 60_000,
+    max_blamed_body_bytes: 65_536,
 };
 
 fn healthy_worker(store: &MemoryStore, n: usize, seed: u64) -> PoolTracker {

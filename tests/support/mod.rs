@@ -656,7 +656,13 @@ fn wait_readable(stream: &TcpStream, state: &BackendState) -> bool {
 struct Request {
     path: String,
     headers: HashMap<String, String>,
+    /// The declared body was over [`BACKEND_MAX_BODY`] and was left unread.
+    too_large: bool,
 }
+
+/// Backends refuse larger bodies the way real HTTP servers do: answer 413 and close without
+/// reading the rest, which turns into a connection reset on Envoy's side.
+pub const BACKEND_MAX_BODY: usize = 1 << 20;
 
 fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
     let mut line = String::new();
@@ -686,9 +692,20 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
         .get("content-length")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
+    if length > BACKEND_MAX_BODY {
+        return Some(Request {
+            path,
+            headers,
+            too_large: true,
+        });
+    }
     let mut body = vec![0; length];
     reader.read_exact(&mut body).ok()?;
-    Some(Request { path, headers })
+    Some(Request {
+        path,
+        headers,
+        too_large: false,
+    })
 }
 
 /// Health checks pass whatever the traffic gets: an overloaded model server that sheds
@@ -705,6 +722,14 @@ fn answer(
     state: &BackendState,
 ) -> std::io::Result<()> {
     let header = |name: &str| request.headers.get(name).map(String::as_str);
+    if request.too_large {
+        write!(
+            out,
+            "HTTP/1.1 413 X\r\nx-served-by: {me}\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+        )?;
+        out.flush()?;
+        return Err(std::io::Error::other("body too large; closing"));
+    }
     if state.failing.load(Ordering::SeqCst) {
         write!(
             out,
@@ -836,6 +861,27 @@ pub fn send(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> std::io::
     head.push_str("\r\n");
     stream.write_all(head.as_bytes())?;
     Ok(stream)
+}
+
+/// Writes `bytes` as they are (any request, well-formed or not) and reads whatever answer comes;
+/// a write the peer cut short is not an error, since refusing a request early is what is tested.
+pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> std::io::Result<Response> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let _ = stream.write_all(bytes);
+    read_response(&mut BufReader::new(stream))
+}
+
+/// Declares a `declared`-byte body, sends `sent` bytes of it, then hangs up: an upload the
+/// client abandons.
+pub fn abandoned_upload(addr: SocketAddr, declared: usize, sent: usize) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect(addr)?;
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: models\r\ncontent-type: application/json\r\ncontent-length: {declared}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes())?;
+    let _ = stream.write_all(&vec![b'a'; sent]);
+    Ok(())
 }
 
 pub fn read_response(reader: &mut impl BufRead) -> std::io::Result<Response> {
