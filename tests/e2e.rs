@@ -26,6 +26,52 @@ fn shipped_envoy_configs_validate() {
     assert!(checked >= 1, "no Envoy configs found under envoy/");
 }
 
+/// The fenced blocks of `markdown` with the given info string, in order.
+fn fenced_blocks<'a>(markdown: &'a str, info: &str) -> Vec<&'a str> {
+    let opening = format!("```{info}\n");
+    let mut blocks = Vec::new();
+    let mut rest = markdown;
+    while let Some(start) = rest.find(&opening) {
+        let body = &rest[start + opening.len()..];
+        let end = body
+            .find("```")
+            .expect("an unterminated code block in README.md");
+        blocks.push(&body[..end]);
+        rest = &body[end + 3..];
+    }
+    blocks
+}
+
+#[test]
+fn every_envoy_config_in_the_readme_validates() {
+    const README_WASM: &str = "/etc/envoy/model_lb.wasm";
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    // The install step and the config agree on where the wasm lives.
+    assert!(
+        fenced_blocks(&readme, "sh")
+            .iter()
+            .any(|b| b.contains("make build") && b.contains(README_WASM)),
+        "README.md no longer says how to build the wasm and where to put it"
+    );
+    let mut validated = 0;
+    for block in fenced_blocks(&readme, "yaml") {
+        if block.trim_start().starts_with("apiVersion:") {
+            // A Kubernetes manifest: checked against its CRD schema elsewhere.
+            continue;
+        }
+        // A fragment would escape this check, so the README shows complete configs only.
+        assert!(
+            block.contains("static_resources:"),
+            "README.md has a YAML block that is not a complete Envoy config:\n{block}"
+        );
+        let yaml = block.replace(README_WASM, wasm_path().to_str().unwrap());
+        let (ok, output) = validate(&yaml);
+        assert!(ok, "README.md config does not validate:\n{block}\n{output}");
+        validated += 1;
+    }
+    assert!(validated >= 1, "no Envoy config found in README.md");
+}
+
 #[test]
 fn lor_never_sends_short_requests_to_the_endpoint_holding_a_long_one() {
     let pool = Pool::start("LEAST_OUTSTANDING_REQUESTS");
@@ -277,4 +323,82 @@ fn bad_plugin_configs_are_refused_at_load_with_the_reason_in_the_log() {
         .err()
         .expect("Envoy started with a bad config");
     assert!(log.contains(r#"unknown strategy "lor""#), "{log}");
+}
+
+#[test]
+fn endpoints_that_are_not_the_clusters_hosts_are_detected_and_reported() {
+    let backends: Vec<Backend> = (0..3).map(|_| Backend::start()).collect();
+    let ports = [backends[0].port(), backends[1].port(), backends[2].port()];
+    // The cluster has the real backends; the filter lists three other addresses.
+    let wrong = [closed_port(), closed_port(), closed_port()];
+    let stat = |envoy: &Envoy, name: &str| envoy.stat(&format!("model_lb.{CLUSTER}.{name}"));
+
+    // Without the admin API: only the requests themselves show the mismatch.
+    let envoy = Envoy::start(
+        &EnvoyConfig::shipped()
+            .backends(ports)
+            .plugin_config(&plugin_json("LEAST_OUTSTANDING_REQUESTS", wrong)),
+    );
+    const REQUESTS: u64 = 40;
+    for _ in 0..REQUESTS {
+        let r = request(envoy.listener, "/v1/completions", &[]).unwrap();
+        assert_eq!(r.status, 200, "Envoy's fallback policy still serves it");
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "unhonoured decisions to be counted",
+        || stat(&envoy, "unhonoured_decisions") == REQUESTS,
+    );
+    let warnings = envoy
+        .log()
+        .matches("served by a host the filter did not list")
+        .count() as u64;
+    assert!(
+        (1..REQUESTS / 2).contains(&warnings),
+        "expected one warning per tick, not per request: {warnings}"
+    );
+    drop(envoy);
+
+    // With the admin API: the poll sees the cluster's hosts and names the strangers.
+    let envoy = Envoy::start(&EnvoyConfig::shipped().backends(ports).plugin_config(
+        &plugin_json_with(
+            "LEAST_OUTSTANDING_REQUESTS",
+            wrong,
+            r#""admin_cluster": "model_lb_admin", "admin_poll_interval_ms": 200"#,
+        ),
+    ));
+    wait_until(
+        Duration::from_secs(10),
+        "the admin poll to spot the mismatch",
+        || stat(&envoy, "endpoints_not_in_cluster") == 3,
+    );
+    let log = envoy.log();
+    assert!(
+        log.contains(
+            r#"endpoints are not a host of the Envoy cluster "model_servers" and never routed to"#
+        ) && log.contains(&format!("127.0.0.1:{}", wrong[0])),
+        "{log}"
+    );
+    // Nothing is routable, so the filter steps aside instead of naming hosts Envoy lacks.
+    let r = request(envoy.listener, "/v1/completions", &[]).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-seen-routing"), Some(""));
+}
+
+#[test]
+fn a_server_that_was_honoured_counts_no_unhonoured_decision() {
+    let pool = Pool::start("LEAST_OUTSTANDING_REQUESTS");
+    for _ in 0..10 {
+        assert_eq!(pool.request(&[]).status, 200);
+    }
+    wait_until(Duration::from_secs(10), "decisions to flush", || {
+        pool.envoy.stat(&format!(
+            "model_lb.{CLUSTER}.decisions.least_outstanding_requests"
+        )) == 10
+    });
+    assert_eq!(
+        pool.envoy
+            .stat(&format!("model_lb.{CLUSTER}.unhonoured_decisions")),
+        0
+    );
 }
