@@ -16,6 +16,8 @@ pub struct HostStatus {
     /// Removed from the cluster's configuration (EDS, DNS) but kept by Envoy until its health
     /// check fails; no longer a member for the filter.
     pub removed: bool,
+    /// The endpoint's `load_balancing_weight` (1 when Envoy shows none).
+    pub weight: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,10 +94,15 @@ fn host_status(host: &Value) -> Option<HostStatus> {
         .and_then(|h| h.get("pending_dynamic_removal"))
         .and_then(Value::as_bool)
         == Some(true);
+    let weight = host
+        .get("weight")
+        .and_then(Value::as_u64)
+        .map_or(1, |w| u32::try_from(w).unwrap_or(u32::MAX).max(1));
     Some(HostStatus {
         address,
         healthy: !flagged && !eds_unhealthy,
         removed,
+        weight,
     })
 }
 
@@ -108,7 +115,7 @@ mod tests {
       {"name":"other","host_statuses":[{"address":{"socket_address":{"address":"10.9.9.9","port_value":1}}}]},
       {"name":"model_servers","host_statuses":[
         {"address":{"socket_address":{"address":"127.0.0.1","port_value":8001}},
-         "stats":[{"name":"cx_total"}],"health_status":{"eds_health_status":"HEALTHY"},"weight":1},
+         "stats":[{"name":"cx_total"}],"health_status":{"eds_health_status":"HEALTHY"},"weight":3},
         {"address":{"socket_address":{"address":"127.0.0.1","port_value":8003}},
          "health_status":{"failed_active_health_check":true,"eds_health_status":"HEALTHY"}},
         {"address":{"socket_address":{"address":"fd00::1","port_value":9000}},
@@ -134,6 +141,8 @@ mod tests {
             .map(|h| h.address.as_str())
             .collect();
         assert_eq!(removed, vec!["127.0.0.1:8005"]);
+        assert_eq!(hosts[0].weight, 3);
+        assert_eq!(hosts[1].weight, 1, "no weight shown: 1");
         assert_eq!(
             view,
             vec![

@@ -11,6 +11,11 @@ use serde_json::{Map, Value};
 use crate::health::PassivePolicy;
 use crate::outcome::DEFAULT_MAX_BLAMED_BODY_BYTES;
 use crate::select::Strategy;
+use crate::server_load::{
+    LoadSource, ServerLoad, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_POLLS_PER_SECOND,
+    DEFAULT_RUNNING_METRIC, DEFAULT_SERVER_LOAD_INTERVAL_MS, DEFAULT_SERVER_LOAD_STALE_AFTER_MS,
+    DEFAULT_WAITING_METRIC,
+};
 
 pub const DEFAULT_ENDPOINT_HEADER: &str = "x-gateway-destination-endpoint";
 pub const DEFAULT_CLUSTER: &str = "default";
@@ -62,6 +67,20 @@ const FIELDS: &[&str] = &[
     "admin_poll_interval_ms",
     "watch_cluster",
     "follow_membership",
+    "server_load",
+];
+
+const SERVER_LOAD_FIELDS: &[&str] = &[
+    "source",
+    "path",
+    "interval_ms",
+    "stale_after_ms",
+    "cluster",
+    "running_metric",
+    "waiting_metric",
+    "response_reports",
+    "max_polls_per_second",
+    "max_body_bytes",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +98,8 @@ pub struct Config {
     pub passive: Option<PassivePolicy>,
     /// Polling of Envoy's admin API for health (and membership); `None` without `admin_cluster`.
     pub admin: Option<AdminPoll>,
+    /// The servers' own load reports; `None` without `server_load`.
+    pub server_load: Option<ServerLoad>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -320,6 +341,15 @@ fn from_object(object: &Map<String, Value>) -> Result<Config, ConfigError> {
         }
     };
 
+    let server_load = match object.get("server_load") {
+        None => None,
+        Some(value) => {
+            // Without an admin poll the pool cluster's name is the plugin's own `cluster`.
+            let pool_cluster = admin.as_ref().map_or(&cluster, |a| &a.watch_cluster);
+            Some(server_load_field(value, pool_cluster)?)
+        }
+    };
+
     Ok(Config {
         strategy,
         endpoints,
@@ -330,7 +360,159 @@ fn from_object(object: &Map<String, Value>) -> Result<Config, ConfigError> {
         vm_lease_ttl_ms,
         passive,
         admin,
+        server_load,
     })
+}
+
+fn server_load_field(value: &Value, pool_cluster: &str) -> Result<ServerLoad, ConfigError> {
+    const PREFIX: &str = "server_load";
+    let Value::Object(object) = value else {
+        return Err(ConfigError::field(
+            PREFIX,
+            format!(
+                "expected an object such as {{\"source\": \"metrics\"}}, got {}",
+                type_name(value)
+            ),
+        ));
+    };
+    let name = |field: &str| format!("{PREFIX}.{field}");
+    if let Some(unknown) = object
+        .keys()
+        .find(|k| !SERVER_LOAD_FIELDS.contains(&k.as_str()))
+    {
+        return Err(ConfigError::field(
+            name(&truncate(unknown, 80)),
+            unknown_field_message(unknown, SERVER_LOAD_FIELDS),
+        ));
+    }
+    let source = match object.get("source") {
+        None => LoadSource::Metrics,
+        Some(value) => {
+            let text = string_field(&name("source"), value)?;
+            LoadSource::from_name(text).ok_or_else(|| {
+                ConfigError::field(
+                    name("source"),
+                    format!(
+                        "unknown source \"{}\"; expected \"metrics\" (Prometheus text, e.g. vLLM's \
+                         /metrics) or \"load_endpoint\" (vLLM's GET /load)",
+                        truncate(text, 80)
+                    ),
+                )
+            })?
+        }
+    };
+    if source == LoadSource::LoadEndpoint {
+        for metric in ["running_metric", "waiting_metric"] {
+            if object.contains_key(metric) {
+                return Err(ConfigError::field(
+                    name(metric),
+                    "has no effect with \"source\": \"load_endpoint\" (GET /load reports one \
+                     number); remove it or use \"source\": \"metrics\"",
+                ));
+            }
+        }
+    }
+    let path = match object.get("path") {
+        None => source.default_path().to_owned(),
+        Some(value) => {
+            let path = string_field(&name("path"), value)?;
+            let valid = path.starts_with('/')
+                && path.len() <= 1024
+                && path.bytes().all(|b| b.is_ascii_graphic());
+            if !valid {
+                return Err(ConfigError::field(
+                    name("path"),
+                    format!(
+                        "\"{}\" is not a request path; give one starting with '/', such as \"{}\"",
+                        truncate(path, 80),
+                        source.default_path()
+                    ),
+                ));
+            }
+            path.to_owned()
+        }
+    };
+    let interval_ms = match object.get("interval_ms") {
+        None => DEFAULT_SERVER_LOAD_INTERVAL_MS,
+        Some(value) => integer_field(&name("interval_ms"), value, 10, 60_000)?,
+    };
+    let min_stale = interval_ms * 2;
+    let stale_after_ms = match object.get("stale_after_ms") {
+        None => DEFAULT_SERVER_LOAD_STALE_AFTER_MS.max(min_stale),
+        Some(value) => {
+            let stale = integer_field(&name("stale_after_ms"), value, 1, MAX_DURATION_MS)?;
+            if stale < min_stale {
+                return Err(ConfigError::field(
+                    name("stale_after_ms"),
+                    format!(
+                        "{stale} is shorter than two poll intervals ({min_stale} ms); every report \
+                         would go stale before the next one arrives"
+                    ),
+                ));
+            }
+            stale
+        }
+    };
+    let cluster = match object.get("cluster") {
+        None => pool_cluster.to_owned(),
+        Some(value) => envoy_cluster_field(&name("cluster"), value)?,
+    };
+    let metric = |field: &str, default: &str| -> Result<String, ConfigError> {
+        match object.get(field) {
+            None => Ok(default.to_owned()),
+            Some(value) => {
+                let text = string_field(&name(field), value)?;
+                if is_metric_name(text) {
+                    Ok(text.to_owned())
+                } else {
+                    Err(ConfigError::field(
+                        name(field),
+                        format!(
+                            "\"{}\" is not a Prometheus metric name (letters, digits, '_' and ':', \
+                             e.g. \"{default}\")",
+                            truncate(text, 80)
+                        ),
+                    ))
+                }
+            }
+        }
+    };
+    let running_metric = metric("running_metric", DEFAULT_RUNNING_METRIC)?;
+    let waiting_metric = metric("waiting_metric", DEFAULT_WAITING_METRIC)?;
+    let response_reports = match object.get("response_reports") {
+        None => false,
+        Some(value) => bool_field(&name("response_reports"), value)?,
+    };
+    let max_polls_per_second = match object.get("max_polls_per_second") {
+        None => DEFAULT_MAX_POLLS_PER_SECOND,
+        Some(value) => integer_field(&name("max_polls_per_second"), value, 1, 100_000)?,
+    };
+    let max_body_bytes = match object.get("max_body_bytes") {
+        None => DEFAULT_MAX_BODY_BYTES,
+        Some(value) => integer_field(&name("max_body_bytes"), value, 256, 16 << 20)?,
+    };
+    Ok(ServerLoad {
+        source,
+        path,
+        interval_ms,
+        stale_after_ms,
+        cluster,
+        running_metric,
+        waiting_metric,
+        response_reports,
+        max_polls_per_second: max_polls_per_second as u32,
+        max_body_bytes: max_body_bytes as usize,
+    })
+}
+
+fn is_metric_name(text: &str) -> bool {
+    let mut chars = text.chars();
+    let valid_rest = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    text.len() <= 200
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(valid_rest)
 }
 
 fn endpoints_field(value: Option<&Value>) -> Result<Vec<String>, ConfigError> {
@@ -586,6 +768,7 @@ mod tests {
             })
         );
         assert_eq!(config.admin, None);
+        assert_eq!(config.server_load, None);
     }
 
     #[test]
@@ -639,6 +822,122 @@ mod tests {
         assert_eq!(config.fallback_endpoints, 0);
         assert_eq!(config.housekeeping_interval_ms, 200);
         assert_eq!(config.vm_lease_ttl_ms, 600);
+    }
+
+    #[test]
+    fn server_load_has_vllm_defaults_and_takes_every_documented_field() {
+        let config =
+            parse_str(r#"{"endpoints": ["10.0.0.1:80"], "cluster": "pool", "server_load": {}}"#)
+                .unwrap();
+        assert_eq!(
+            config.server_load,
+            Some(ServerLoad {
+                source: LoadSource::Metrics,
+                path: "/metrics".into(),
+                interval_ms: 100,
+                stale_after_ms: 1_000,
+                cluster: "pool".into(),
+                running_metric: "vllm:num_requests_running".into(),
+                waiting_metric: "vllm:num_requests_waiting".into(),
+                response_reports: false,
+                max_polls_per_second: 200,
+                max_body_bytes: 1 << 20,
+            })
+        );
+        let config = parse_str(
+            r#"{"endpoints": ["10.0.0.1:80"], "admin_cluster": "admin",
+                "watch_cluster": "outbound|8000||vllm", "server_load": {"source": "load_endpoint",
+                "interval_ms": 1000, "response_reports": true, "max_polls_per_second": 50,
+                "max_body_bytes": 4096}}"#,
+        )
+        .unwrap();
+        let load = config.server_load.unwrap();
+        assert_eq!(load.source, LoadSource::LoadEndpoint);
+        assert_eq!(load.path, "/load");
+        assert_eq!(load.stale_after_ms, 2_000, "at least two intervals");
+        assert_eq!(
+            load.cluster, "outbound|8000||vllm",
+            "the watched pool cluster"
+        );
+        assert!(load.response_reports);
+        let config = parse_str(
+            r#"{"endpoints": ["10.0.0.1:80"], "server_load": {"cluster": "polls",
+                "path": "/v1/loads", "running_metric": "sglang:num_running_reqs",
+                "waiting_metric": "sglang:num_queue_reqs", "stale_after_ms": 500,
+                "interval_ms": 50}}"#,
+        )
+        .unwrap();
+        let load = config.server_load.unwrap();
+        assert_eq!(
+            (
+                load.cluster.as_str(),
+                load.path.as_str(),
+                load.running_metric.as_str()
+            ),
+            ("polls", "/v1/loads", "sglang:num_running_reqs")
+        );
+    }
+
+    #[test]
+    fn server_load_errors_name_the_nested_field() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                r#""server_load": true"#,
+                "server_load",
+                "expected an object",
+            ),
+            (
+                r#""server_load": {"intervall_ms": 100}"#,
+                "server_load.intervall_ms",
+                "did you mean \"interval_ms\"",
+            ),
+            (
+                r#""server_load": {"source": "prometheus"}"#,
+                "server_load.source",
+                "\"metrics\"",
+            ),
+            (
+                r#""server_load": {"interval_ms": 5}"#,
+                "server_load.interval_ms",
+                "integer from 10 to 60000",
+            ),
+            (
+                r#""server_load": {"interval_ms": 500, "stale_after_ms": 600}"#,
+                "server_load.stale_after_ms",
+                "shorter than two poll intervals",
+            ),
+            (
+                r#""server_load": {"path": "metrics"}"#,
+                "server_load.path",
+                "starting with '/'",
+            ),
+            (
+                r#""server_load": {"running_metric": "vllm num running"}"#,
+                "server_load.running_metric",
+                "not a Prometheus metric name",
+            ),
+            (
+                r#""server_load": {"source": "load_endpoint", "waiting_metric": "x"}"#,
+                "server_load.waiting_metric",
+                "has no effect",
+            ),
+            (
+                r#""server_load": {"max_body_bytes": 10}"#,
+                "server_load.max_body_bytes",
+                "integer from 256",
+            ),
+            (
+                r#""server_load": {"response_reports": "yes"}"#,
+                "server_load.response_reports",
+                "expected true or false",
+            ),
+        ];
+        for (fields, field, hint) in cases {
+            let text = format!(r#"{{"endpoints": ["1.1.1.1:1"], {fields}}}"#);
+            let err = error_of(&text);
+            assert_eq!(err.field.as_deref(), Some(*field), "{text}: {err}");
+            assert!(err.to_string().contains(hint), "{text}: {err} lacks {hint}");
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod membership;
 pub mod outcome;
 pub mod rng;
 pub mod select;
+pub mod server_load;
 pub mod store;
 pub mod table;
 pub mod tracker;

@@ -45,6 +45,12 @@ impl Strategy {
 pub trait Loads {
     fn endpoint_count(&self) -> usize;
     fn load(&self, endpoint: usize) -> u32;
+
+    /// Least-outstanding-requests picks the lowest rank; by default the load itself. A rank
+    /// can fold in more than the count (capacity, a full batch), see `server_load::Estimates`.
+    fn rank(&self, endpoint: usize) -> u64 {
+        u64::from(self.load(endpoint))
+    }
 }
 
 impl Loads for [u32] {
@@ -130,7 +136,7 @@ where
     }
 }
 
-/// Keeps the `want` smallest (load, random tie-break) keys in one pass. A fresh random key per
+/// Keeps the `want` smallest (rank, random tie-break) keys in one pass. A fresh random key per
 /// endpoint makes ties uniform: a fixed scan order would pile idle-pool traffic onto endpoint 0.
 fn least_loaded<L, E, R>(loads: &L, eligible: E, want: usize, rng: &mut R) -> Selection
 where
@@ -138,13 +144,13 @@ where
     E: Fn(usize) -> bool,
     R: RandomSource,
 {
-    let mut keys = [(u64::MAX, 0u16); MAX_SELECTION];
+    let mut keys = [(u128::MAX, 0u16); MAX_SELECTION];
     let mut kept = 0usize;
     for endpoint in 0..loads.endpoint_count() {
         if !eligible(endpoint) {
             continue;
         }
-        let key = (u64::from(loads.load(endpoint)) << 32) | (rng.next_u64() >> 32);
+        let key = (u128::from(loads.rank(endpoint)) << 64) | u128::from(rng.next_u64());
         if kept == want && key >= keys[want - 1].0 {
             continue;
         }

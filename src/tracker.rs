@@ -12,6 +12,7 @@ use crate::health::{Change, Outcome, PassivePolicy};
 use crate::membership::{MalformedMembership, Membership};
 use crate::rng::{RandomSource, SplitMix64};
 use crate::select::{select, Selection, Strategy};
+use crate::server_load::{Estimates, LoadView};
 use crate::store::{SharedStore, StoreError};
 use crate::table::{Decrement, Reaped, Table, TableError};
 
@@ -221,6 +222,13 @@ pub struct PoolTracker {
     pending: Vec<(Ticket, Outcome)>,
     ids: SplitMix64,
     events: Events,
+    /// The servers' load reports and Envoy's weights, as last published by the leader.
+    view: LoadView,
+    /// How long a server's report counts (0 without server load: no report is ever fresh).
+    stale_after_ms: u64,
+    /// Per endpoint, whether Envoy last reported it as a healthy host of the watched cluster:
+    /// server-load polls through the pool cluster would reach some other host otherwise.
+    reachable: Vec<bool>,
 }
 
 impl PoolTracker {
@@ -263,7 +271,68 @@ impl PoolTracker {
             pending: Vec::new(),
             ids,
             events: Events::default(),
+            view: LoadView::default(),
+            stale_after_ms: 0,
+            reachable: Vec::new(),
         }
+    }
+
+    /// Endpoints worth polling for their load, as of the last housekeeping.
+    pub fn pollable(&self) -> Vec<bool> {
+        self.reachable.clone()
+    }
+
+    /// The shared-data key of the published load record (see `server_load`).
+    pub fn load_record_key(&self) -> String {
+        format!("{}load", self.key_prefix)
+    }
+
+    pub fn set_stale_after_ms(&mut self, stale_after_ms: u64) {
+        self.stale_after_ms = stale_after_ms;
+    }
+
+    pub fn set_now(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+
+    /// Reads the published load record into this VM's view (cheap when it did not change).
+    pub fn refresh_view<S: SharedStore>(&mut self, store: &S) -> Result<(), TrackerError> {
+        let record = store.get(&self.load_record_key())?;
+        self.view.refresh(record, &self.membership);
+        Ok(())
+    }
+
+    pub fn view_mut(&mut self) -> &mut LoadView {
+        self.view.align(&self.membership);
+        &mut self.view
+    }
+
+    /// This Envoy's in-flight count on `address`, read fresh from the shared table.
+    pub fn local_count<S: SharedStore>(
+        &mut self,
+        store: &S,
+        address: &str,
+    ) -> Result<Option<u32>, TrackerError> {
+        let (table, _) = self.read(store)?;
+        Ok(self.membership.position(address).map(|e| table.total(e)))
+    }
+
+    /// Per endpoint: the estimate selection uses and whether it counts as full, for gauges.
+    pub fn estimates(&mut self, totals: &[u32]) -> Vec<(u32, bool)> {
+        self.view.align(&self.membership);
+        let estimates = Estimates {
+            local: totals,
+            view: self.view.entries(),
+            now_ms: self.now_ms,
+            stale_after_ms: self.stale_after_ms,
+        };
+        (0..totals.len())
+            .map(|e| (estimates.estimate(e), estimates.full(e)))
+            .collect()
     }
 
     pub fn table_key(&self) -> &str {
@@ -479,9 +548,16 @@ impl PoolTracker {
             };
             let now_ms = self.now_ms;
             let wanted = &self.wanted;
+            self.view.align(&self.membership);
+            let estimates = Estimates {
+                local: &table,
+                view: self.view.entries(),
+                now_ms,
+                stale_after_ms: self.stale_after_ms,
+            };
             let selection = select(
                 strategy,
-                &table,
+                &estimates,
                 |e| wanted[e] && table.eligible(e, now_ms),
                 fallbacks,
                 rng,
@@ -753,6 +829,9 @@ impl PoolTracker {
         for attempt in 0..HOUSEKEEPING_ATTEMPTS {
             let (mut table, cas) = self.read(store)?;
             let membership = Rc::clone(&self.membership);
+            self.reachable = (0..table.endpoint_count())
+                .map(|e| !table.health(e).active_unhealthy)
+                .collect();
             self.mark_wanted(&mut table, &membership);
             if let Some(claim) = self.claim {
                 if table.slot_owner(claim.slot) == claim.owner {

@@ -11,6 +11,7 @@ const NOT_FOUND: u32 = 1;
 const CAS_MISMATCH: u32 = 8;
 
 const MAP_HTTP_REQUEST_HEADERS: u32 = 0;
+const MAP_HTTP_RESPONSE_HEADERS: u32 = 2;
 const MAP_HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
 const BUFFER_HTTP_CALL_RESPONSE_BODY: u32 = 4;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
@@ -159,25 +160,25 @@ pub fn http_call_response_body(size: usize) -> Option<Vec<u8>> {
     buffer(BUFFER_HTTP_CALL_RESPONSE_BODY, size).ok().flatten()
 }
 
-/// The `:status` of the answer to a `dispatch_http_call`, if there was an answer at all.
-pub fn http_call_response_status() -> Option<u16> {
-    let name = ":status";
+fn header_value(map: u32, name: &str) -> Option<Vec<u8>> {
     let mut data: *mut u8 = null_mut();
     let mut size = 0usize;
-    let code = unsafe {
-        proxy_get_header_map_value(
-            MAP_HTTP_CALL_RESPONSE_HEADERS,
-            name.as_ptr(),
-            name.len(),
-            &mut data,
-            &mut size,
-        )
-    };
+    let code =
+        unsafe { proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut data, &mut size) };
     if code != OK {
         return None;
     }
-    let value = unsafe { take_host_buffer(data, size) }?;
+    unsafe { take_host_buffer(data, size) }
+}
+
+/// The `:status` of the answer to a `dispatch_http_call`, if there was an answer at all.
+pub fn http_call_response_status() -> Option<u16> {
+    let value = header_value(MAP_HTTP_CALL_RESPONSE_HEADERS, ":status")?;
     std::str::from_utf8(&value).ok()?.parse().ok()
+}
+
+pub fn response_header(name: &str) -> Option<Vec<u8>> {
+    header_value(MAP_HTTP_RESPONSE_HEADERS, name)
 }
 
 /// A stream property such as `upstream.address`; `path` is the dotted name's segments.

@@ -2,6 +2,7 @@
 //! Nothing here may panic: a panic traps the worker's VM and fails all of its traffic.
 
 mod host;
+mod load;
 mod stats;
 
 use std::cell::RefCell;
@@ -19,6 +20,7 @@ use crate::health::Outcome;
 use crate::outcome;
 use crate::rng::SplitMix64;
 use crate::select::Selection;
+use crate::server_load;
 use crate::tracker::{ClusterUpdate, Install, MembershipSource, PoolTracker, Ticket, TrackerError};
 use host::HostStore;
 use stats::{FailOpen, Stats};
@@ -33,6 +35,10 @@ proxy_wasm::main! {{
 struct Root {
     filter: Option<Rc<Filter>>,
     poll: AdminPollState,
+    load: load::LoadPolling,
+    /// Whether this VM held the leader lease at its last housekeeping.
+    leader: bool,
+    next_housekeeping_ms: u64,
 }
 
 /// One admin poll at a time, from whichever VM holds the leader lease.
@@ -57,15 +63,21 @@ impl Context for Root {
         body_size: usize,
         _trailers: usize,
     ) {
+        if self.load.owns(token_id) {
+            self.server_load_answer(token_id, body_size);
+            return;
+        }
         if self.poll.in_flight != Some(token_id) {
             return;
         }
         self.poll.in_flight = None;
-        let Some(filter) = &self.filter else { return };
+        let Some(filter) = self.filter.clone() else {
+            return;
+        };
         let result = match host::http_call_response_status() {
             Some(200) => host::http_call_response_body(body_size)
                 .ok_or_else(|| "empty answer".to_owned())
-                .and_then(|body| filter.apply_admin_answer(&body)),
+                .and_then(|body| filter.apply_admin_answer(&body, &mut self.load)),
             Some(status) => Err(format!("HTTP status {status}")),
             None => Err("no answer (timeout or connection failure)".to_owned()),
         };
@@ -92,7 +104,20 @@ impl RootContext for Root {
             return;
         };
         let Some(now_ms) = host::now_ms() else { return };
-        let leader = filter.housekeeping(now_ms);
+        filter.set_now(now_ms);
+        // Ticks come a little early or late: half a tick of slack keeps housekeeping at its
+        // interval instead of skipping every other tick when the two periods are equal.
+        if now_ms.saturating_add(filter.tick_ms / 2) >= self.next_housekeeping_ms {
+            self.next_housekeeping_ms =
+                now_ms.saturating_add(filter.config.housekeeping_interval_ms);
+            self.leader = filter.housekeeping(now_ms, &mut self.load);
+        }
+        let leader = self.leader;
+        if filter.config.server_load.is_some() || filter.config.admin.is_some() {
+            self.publish_load_record(&filter, leader);
+            self.poll_servers(&filter, leader, now_ms);
+            filter.refresh_view();
+        }
         if let (true, Some(admin)) = (leader, &filter.config.admin) {
             if self.poll.in_flight.is_none() && now_ms >= self.poll.next_due_ms {
                 self.poll.next_due_ms = now_ms.saturating_add(admin.interval_ms);
@@ -134,6 +159,8 @@ impl RootContext for Root {
 
 struct Filter {
     config: Config,
+    /// The tick period: the housekeeping interval, or finer with server-load polling.
+    tick_ms: u64,
     tracker: RefCell<PoolTracker>,
     rng: RefCell<SplitMix64>,
     stats: RefCell<Stats>,
@@ -177,7 +204,16 @@ impl Filter {
                 ))
             }
         };
-        let interval = u32::try_from(config.housekeeping_interval_ms).unwrap_or(u32::MAX);
+        // Server-load polls and view refreshes need a finer tick than housekeeping; housekeeping
+        // itself still runs once per its own interval.
+        let tick_ms = match &config.server_load {
+            Some(load) => (load.interval_ms / 4).clamp(10, config.housekeeping_interval_ms),
+            None => config.housekeeping_interval_ms,
+        };
+        tracker.set_stale_after_ms(config.server_load.as_ref().map_or(0, |load| {
+            load.effective_stale_after_ms(config.endpoints.len())
+        }));
+        let interval = u32::try_from(tick_ms).unwrap_or(u32::MAX);
         host::set_tick_period_ms(interval)
             .map_err(|status| format!("cannot set the housekeeping tick (status {status})"))?;
         let stats = Stats::new(&config, tracker.membership());
@@ -198,6 +234,7 @@ impl Filter {
         }
         Ok(Self {
             config,
+            tick_ms,
             tracker: RefCell::new(tracker),
             rng: RefCell::new(SplitMix64::new(seed ^ 0x5DEE_CE66_D1CE_4E5B)),
             stats: RefCell::new(stats),
@@ -240,6 +277,41 @@ impl Filter {
         }
     }
 
+    /// An in-band load report (vLLM's `endpoint-load-metrics`) on a response this VM proxied:
+    /// a queue on the server marks it full here until the next poll can say more.
+    fn response_report(&self, ticket: &Ticket) {
+        let Some(load) = self
+            .config
+            .server_load
+            .as_ref()
+            .filter(|l| l.response_reports)
+        else {
+            return;
+        };
+        let Some(value) = host::response_header(server_load::RESPONSE_REPORT_HEADER) else {
+            return;
+        };
+        let Some(waiting) = std::str::from_utf8(&value)
+            .ok()
+            .and_then(server_load::parse_response_report)
+        else {
+            return;
+        };
+        let (Ok(mut tracker), Ok(mut stats)) =
+            (self.tracker.try_borrow_mut(), self.stats.try_borrow_mut())
+        else {
+            return;
+        };
+        let address = ticket.endpoint_address();
+        let until = tracker.now_ms().saturating_add(load.interval_ms);
+        if let Some(index) = tracker.membership().position(address) {
+            tracker
+                .view_mut()
+                .response_report(index, address, waiting, until);
+            stats.response_report();
+        }
+    }
+
     fn fail_open(&self, stats: Option<&mut Stats>, reason: FailOpen) {
         let _ = host::remove_request_header(&self.config.endpoint_header);
         if let Some(stats) = stats {
@@ -261,8 +333,22 @@ impl Filter {
         }
     }
 
+    fn set_now(&self, now_ms: u64) {
+        if let Ok(mut tracker) = self.tracker.try_borrow_mut() {
+            tracker.set_now(now_ms);
+        }
+    }
+
+    /// Takes the load record the leader published into this VM's view.
+    fn refresh_view(&self) {
+        if let Ok(mut tracker) = self.tracker.try_borrow_mut() {
+            // A failed read keeps the previous view; the next tick tries again.
+            let _ = tracker.refresh_view(&HostStore);
+        }
+    }
+
     /// Runs the tick's upkeep; returns whether this VM holds the leader lease.
-    fn housekeeping(&self, now_ms: u64) -> bool {
+    fn housekeeping(&self, now_ms: u64, load: &mut load::LoadPolling) -> bool {
         let (Ok(mut tracker), Ok(mut stats)) =
             (self.tracker.try_borrow_mut(), self.stats.try_borrow_mut())
         else {
@@ -284,8 +370,16 @@ impl Filter {
                         self.config.vm_lease_ttl_ms
                     );
                 }
+                if let Some(server_load) = &self.config.server_load {
+                    let endpoints = tracker.membership().len();
+                    tracker.set_stale_after_ms(server_load.effective_stale_after_ms(endpoints));
+                }
                 if let (Some(loads), Some(eligible)) = (report.loads, report.eligible) {
-                    stats.publish_loads(tracker.membership(), &loads, &eligible);
+                    let estimates = tracker.estimates(&loads);
+                    stats.publish_loads(tracker.membership(), &loads, &eligible, &estimates);
+                    if self.config.server_load.is_some() {
+                        load.publish_freshness(self, &tracker, &mut stats, now_ms);
+                    }
                 }
             }
             Err(e) => log::warn!(
@@ -313,7 +407,11 @@ impl Filter {
         leader
     }
 
-    fn apply_admin_answer(&self, body: &[u8]) -> Result<ClusterUpdate, String> {
+    fn apply_admin_answer(
+        &self,
+        body: &[u8],
+        load: &mut load::LoadPolling,
+    ) -> Result<ClusterUpdate, String> {
         let Some(admin) = &self.config.admin else {
             return Ok(ClusterUpdate::default());
         };
@@ -322,9 +420,11 @@ impl Filter {
             .tracker
             .try_borrow_mut()
             .map_err(|_| "tracker busy".to_owned())?;
-        tracker
+        let update = tracker
             .apply_cluster(&HostStore, &hosts)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        load.apply_cluster(&tracker, &hosts);
+        Ok(update)
     }
 
     fn admin_poll_result(&self, poll: &mut AdminPollState, result: Result<ClusterUpdate, String>) {
@@ -488,6 +588,17 @@ impl HttpContext for Request {
                 if let Some((ticket, selection)) = filter.route() {
                     self.ticket = Some(ticket);
                     self.selection = selection;
+                    if filter
+                        .config
+                        .server_load
+                        .as_ref()
+                        .is_some_and(|load| load.response_reports)
+                    {
+                        let _ = host::set_request_header(
+                            server_load::RESPONSE_REPORT_REQUEST_HEADER,
+                            "text",
+                        );
+                    }
                 }
             }
         }
@@ -495,6 +606,13 @@ impl HttpContext for Request {
         if self.ticket.is_some() && self.get_http_request_header(TEST_CRASH_HEADER).is_some() {
             // Dies holding the count it just took: a VM crash, as the other VMs see it.
             core::arch::wasm32::unreachable();
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if let (Some(filter), Some(ticket)) = (&self.filter, &self.ticket) {
+            filter.response_report(ticket);
         }
         Action::Continue
     }

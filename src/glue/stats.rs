@@ -80,6 +80,20 @@ struct EndpointMetrics {
     routed: Metric,
     in_flight: Metric,
     eligible: Metric,
+    /// With server load only: the estimate selection uses, and report health.
+    estimated: Metric,
+    load_reports: Metric,
+    load_report_errors: Metric,
+    load_stale: Metric,
+}
+
+/// Fleet-wide totals of the server-load poller (leader only) and of in-band reports.
+struct ServerLoadMetrics {
+    reports: Metric,
+    report_errors: Metric,
+    stale_endpoints: Metric,
+    polls_per_second: Metric,
+    response_reports: Metric,
 }
 
 struct EventMetrics {
@@ -110,6 +124,7 @@ pub struct Stats {
     unhonoured: Metric,
     excused: Metric,
     not_in_cluster: Metric,
+    server_load: Option<ServerLoadMetrics>,
     endpoints: Vec<EndpointMetrics>,
     endpoints_token: u64,
     decisions_delta: u64,
@@ -117,6 +132,9 @@ pub struct Stats {
     excused_delta: u64,
     fail_open_delta: [u64; FailOpen::ALL.len()],
     routed_delta: Vec<u64>,
+    /// Per endpoint: (reports, errors) since the last flush.
+    report_delta: Vec<(u64, u64)>,
+    response_reports_delta: u64,
     /// This VM's contribution to the shared pending-releases gauge, which sums all VMs.
     pending_published: u64,
 }
@@ -150,6 +168,13 @@ impl Stats {
             unhonoured: counter(&name("unhonoured_decisions")),
             excused: counter(&name("excused_failures")),
             not_in_cluster: gauge(&name("endpoints_not_in_cluster")),
+            server_load: config.server_load.as_ref().map(|_| ServerLoadMetrics {
+                reports: counter(&name("server_load.reports")),
+                report_errors: counter(&name("server_load.report_errors")),
+                stale_endpoints: gauge(&name("server_load.stale_endpoints")),
+                polls_per_second: gauge(&name("server_load.polls_per_second")),
+                response_reports: counter(&name("server_load.response_reports")),
+            }),
             endpoints: Vec::new(),
             endpoints_token: 0,
             decisions_delta: 0,
@@ -157,6 +182,8 @@ impl Stats {
             excused_delta: 0,
             fail_open_delta: [0; FailOpen::ALL.len()],
             routed_delta: Vec::new(),
+            report_delta: Vec::new(),
+            response_reports_delta: 0,
             pending_published: 0,
             prefix,
         };
@@ -171,19 +198,36 @@ impl Stats {
             return;
         }
         self.flush_routed();
+        self.flush_reports();
         for old in &self.endpoints {
             set(old.in_flight, 0);
             set(old.eligible, 0);
+            set(old.estimated, 0);
+            set(old.load_stale, 0);
         }
+        let with_load = self.server_load.is_some();
+        let prefix = &self.prefix;
+        let endpoint_metric = |address: &str, suffix: &str, define: fn(&str) -> Metric| {
+            if with_load {
+                define(&format!("{prefix}endpoint.{address}.{suffix}"))
+            } else {
+                None
+            }
+        };
         self.endpoints = membership
             .endpoints()
             .iter()
             .map(|address| EndpointMetrics {
-                routed: counter(&format!("{}endpoint.{address}.routed", self.prefix)),
-                in_flight: gauge(&format!("{}endpoint.{address}.in_flight", self.prefix)),
-                eligible: gauge(&format!("{}endpoint.{address}.eligible", self.prefix)),
+                routed: counter(&format!("{prefix}endpoint.{address}.routed")),
+                in_flight: gauge(&format!("{prefix}endpoint.{address}.in_flight")),
+                eligible: gauge(&format!("{prefix}endpoint.{address}.eligible")),
+                estimated: endpoint_metric(address, "estimated_in_flight", gauge),
+                load_reports: endpoint_metric(address, "load_reports", counter),
+                load_report_errors: endpoint_metric(address, "load_report_errors", counter),
+                load_stale: endpoint_metric(address, "load_stale", gauge),
             })
             .collect();
+        self.report_delta = vec![(0, 0); membership.len()];
         self.routed_delta = vec![0; membership.len()];
         self.endpoints_token = membership.token();
         set(self.endpoint_count, membership.len() as u64);
@@ -207,11 +251,26 @@ impl Stats {
         }
     }
 
-    pub fn publish_loads(&mut self, membership: &Rc<Membership>, loads: &[u32], eligible: &[bool]) {
+    pub fn publish_loads(
+        &mut self,
+        membership: &Rc<Membership>,
+        loads: &[u32],
+        eligible: &[bool],
+        estimates: &[(u32, bool)],
+    ) {
         self.follow(membership);
-        for ((metrics, &load), &ok) in self.endpoints.iter().zip(loads).zip(eligible) {
-            set(metrics.in_flight, u64::from(load));
-            set(metrics.eligible, u64::from(ok));
+        for (e, metrics) in self.endpoints.iter().enumerate() {
+            set(metrics.in_flight, loads.get(e).map_or(0, |&l| u64::from(l)));
+            set(
+                metrics.eligible,
+                eligible.get(e).map_or(0, |&ok| u64::from(ok)),
+            );
+            set(
+                metrics.estimated,
+                estimates
+                    .get(e)
+                    .map_or(0, |&(estimate, _)| u64::from(estimate)),
+            );
         }
         set(self.in_flight, loads.iter().map(|&l| u64::from(l)).sum());
         set(
@@ -225,6 +284,59 @@ impl Stats {
     pub fn finished(&mut self, honoured: bool, excused: bool) {
         self.unhonoured_delta += u64::from(!honoured);
         self.excused_delta += u64::from(excused);
+    }
+
+    /// A server-load poll of endpoint `index` (of the current membership) was answered.
+    pub fn load_report(&mut self, index: usize, ok: bool) {
+        if let Some(delta) = self.report_delta.get_mut(index) {
+            if ok {
+                delta.0 += 1;
+            } else {
+                delta.1 += 1;
+            }
+        }
+    }
+
+    pub fn response_report(&mut self) {
+        self.response_reports_delta += 1;
+    }
+
+    pub fn server_load_freshness(
+        &mut self,
+        membership: &Rc<Membership>,
+        fresh: &[bool],
+        polls_per_second: u64,
+    ) {
+        self.follow(membership);
+        for (metrics, &ok) in self.endpoints.iter().zip(fresh) {
+            set(metrics.load_stale, u64::from(!ok));
+        }
+        if let Some(totals) = &self.server_load {
+            set(
+                totals.stale_endpoints,
+                fresh.iter().filter(|&&ok| !ok).count() as u64,
+            );
+            set(totals.polls_per_second, polls_per_second);
+        }
+    }
+
+    fn flush_reports(&mut self) {
+        let mut sums = (0, 0);
+        for (metrics, delta) in self.endpoints.iter().zip(&mut self.report_delta) {
+            let (ok, failed) = std::mem::take(delta);
+            add(metrics.load_reports, ok);
+            add(metrics.load_report_errors, failed);
+            sums.0 += ok;
+            sums.1 += failed;
+        }
+        if let Some(totals) = &self.server_load {
+            add(totals.reports, sums.0);
+            add(totals.report_errors, sums.1);
+            add(
+                totals.response_reports,
+                std::mem::take(&mut self.response_reports_delta),
+            );
+        }
     }
 
     pub fn endpoints_not_in_cluster(&mut self, count: usize) {
@@ -252,6 +364,7 @@ impl Stats {
             add(*metric, std::mem::take(delta));
         }
         self.flush_routed();
+        self.flush_reports();
         let unhonoured = std::mem::take(&mut self.unhonoured_delta);
         add(self.unhonoured, unhonoured);
         add(self.excused, std::mem::take(&mut self.excused_delta));

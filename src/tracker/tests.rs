@@ -172,6 +172,7 @@ fn no_eligible_endpoint_fails_open_without_counting() {
             address,
             healthy: false,
             removed: false,
+            weight: 1,
         })
         .collect();
     t.apply_cluster(&store, &down).unwrap();
@@ -574,6 +575,7 @@ fn host(address: &str, healthy: bool) -> HostStatus {
         address: address.to_owned(),
         healthy,
         removed: false,
+        weight: 1,
     }
 }
 

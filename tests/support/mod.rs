@@ -529,6 +529,22 @@ struct BackendState {
     alive: AtomicUsize,
     /// Answer all traffic (not health checks) with an instant 503.
     failing: AtomicBool,
+    /// How `/metrics` answers (see [`MetricsMode`]).
+    metrics_mode: AtomicUsize,
+    metrics_polls: AtomicUsize,
+}
+
+/// How a backend answers `GET /metrics`, vLLM-style, for the server-load poller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsMode {
+    /// `vllm:num_requests_running` = requests inside the backend, `vllm:num_requests_waiting` 0.
+    Normal = 0,
+    Status500 = 1,
+    Garbage = 2,
+    /// Never answers (until the poller gives up or the backend stops).
+    Hang = 3,
+    /// A 100 MB body.
+    Huge = 4,
 }
 
 impl Backend {
@@ -560,6 +576,17 @@ impl Backend {
             accept_state.alive.fetch_sub(1, Ordering::SeqCst);
         });
         Self { addr, state }
+    }
+
+    pub fn set_metrics(&self, mode: MetricsMode) {
+        self.state
+            .metrics_mode
+            .store(mode as usize, Ordering::SeqCst);
+    }
+
+    /// `/metrics` requests received so far.
+    pub fn metrics_polls(&self) -> usize {
+        self.state.metrics_polls.load(Ordering::SeqCst)
     }
 
     /// From now on, answer every request at once with 503 (health checks still pass).
@@ -620,6 +647,9 @@ fn serve_connection(stream: TcpStream, me: SocketAddr, state: &BackendState) {
         // Envoy's health checks are not traffic: they do not show in `active` or `served`.
         let outcome = if request.path == "/health" {
             health_answer(&mut writer)
+        } else if request.path == "/metrics" {
+            state.metrics_polls.fetch_add(1, Ordering::SeqCst);
+            metrics_answer(&mut writer, state)
         } else {
             state.active.fetch_add(1, Ordering::SeqCst);
             let outcome = answer(&request, &mut writer, me, state);
@@ -712,6 +742,37 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
 /// requests with 503 typically still answers its health endpoint.
 fn health_answer(out: &mut TcpStream) -> std::io::Result<()> {
     write!(out, "HTTP/1.1 200 X\r\ncontent-length: 0\r\n\r\n")?;
+    out.flush()
+}
+
+fn metrics_answer(out: &mut TcpStream, state: &BackendState) -> std::io::Result<()> {
+    let mode = state.metrics_mode.load(Ordering::SeqCst);
+    let body = match mode {
+        1 => return write!(out, "HTTP/1.1 500 X\r\ncontent-length: 0\r\n\r\n"),
+        2 => "<html>definitely not prometheus</html>\n".to_owned(),
+        3 => {
+            let _ = hold(out, state);
+            return Err(std::io::Error::other("hung /metrics given up"));
+        }
+        4 => {
+            let size = 100 << 20;
+            write!(out, "HTTP/1.1 200 X\r\ncontent-length: {size}\r\n\r\n")?;
+            let chunk = vec![b'#'; 1 << 20];
+            for _ in 0..100 {
+                out.write_all(&chunk)?;
+            }
+            return out.flush();
+        }
+        _ => format!(
+            "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{model_name=\"m\"}} {}\nvllm:num_requests_waiting{{model_name=\"m\"}} 0\n",
+            state.active.load(Ordering::SeqCst)
+        ),
+    };
+    write!(
+        out,
+        "HTTP/1.1 200 X\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
     out.flush()
 }
 
