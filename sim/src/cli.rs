@@ -12,6 +12,7 @@ use crate::dist::Dist;
 use crate::load::{LoadConfig, Target};
 use crate::openai::Api;
 use crate::server::ServerConfig;
+use crate::workload::WorkloadKind;
 
 /// What the command line asks for.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,13 +106,17 @@ pub fn server_help() -> String {
         "model-server {ver}: a simulated OpenAI-compatible continuous-batching LLM server.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (\"stream\": true for SSE),
-GET /v1/models, GET /health, GET /metrics (Prometheus, vLLM metric names).
-Every response carries `x-served-by: <id>`. After binding, prints one line
-`listening on <ip:port>` to stdout. Exits on SIGTERM/SIGINT.
+GET /v1/models, GET /health, GET /load ({{\"server_load\": running + waiting}}),
+GET /metrics (Prometheus, vLLM metric names). Every response carries
+`x-served-by: <id>`. A request with `endpoint-load-metrics-format: text` (or json)
+gets an ORCA `endpoint-load-metrics` header on non-streaming responses. After
+binding, prints one line `listening on <ip:port>` to stdout. Exits on SIGTERM/SIGINT.
 
 Timing model (every duration is multiplied by --time-scale):
   time per output token with b requests decoding: t(b) = tpot * (1 + alpha * (b - 1))
-  prefill time: prefill_base + prompt_tokens * prefill_per_token (prompt_tokens = ceil(chars/4))
+  prefill time: prefill_base + uncached_tokens * prefill_per_token
+    prompt tokens = 4-character chunks of the prompt (chat: \"role: content\\n\" per message);
+    uncached = prompt tokens minus the longest cached prefix (16-token blocks, LRU)
   output length: max_tokens when given, else lognormal(median, sigma) capped at --max-output-tokens
 
 Usage: model-server [OPTIONS]
@@ -130,6 +135,9 @@ Options:
   --output-sigma F            Sigma of the lognormal output length [default: {sigma}]
   --max-output-tokens N       Cap on output length; larger max_tokens get 400 [default: {mot}]
   --tokens-per-chunk N        Tokens per SSE chunk (raise when tokens are very fast) [default: {tpc}]
+  --kv-cache-tokens N         KV-cache capacity in tokens, for vllm:kv_cache_usage_perc [default: {kv}]
+  --prefix-cache-tokens N     Prefix-cache capacity in tokens (LRU of 16-token blocks; 0 disables;
+                              at most --kv-cache-tokens) [default: {pc}, or --kv-cache-tokens if less]
   --time-scale F              Multiplies every simulated duration (0.1 = 10x faster) [default: {ts:?}]
   --seed N                    Seed for output lengths and fault injection [default: {seed}]
   --fail-rate F               Probability of replying at once with --fail-status (0..1) [default: {fr}]
@@ -151,6 +159,8 @@ Options:
         sigma = e.output.sigma,
         mot = e.output.max,
         tpc = e.tokens_per_chunk,
+        kv = e.kv_cache_tokens,
+        pc = e.prefix_cache_tokens,
         ts = e.timing.time_scale,
         seed = e.seed,
         fr = d.fail_rate,
@@ -166,6 +176,7 @@ where
     I::Item: Into<OsString>,
 {
     let mut c = ServerConfig::default();
+    let mut prefix_set = false;
     let mut p = lexopt::Parser::from_args(args);
     while let Some(arg) = p.next()? {
         match arg {
@@ -207,6 +218,13 @@ where
             Long("tokens-per-chunk") => {
                 c.engine.tokens_per_chunk = int_min(&mut p, "tokens-per-chunk", 1u64)?
             }
+            Long("kv-cache-tokens") => {
+                c.engine.kv_cache_tokens = int_min(&mut p, "kv-cache-tokens", 1u64)?
+            }
+            Long("prefix-cache-tokens") => {
+                c.engine.prefix_cache_tokens = int_min(&mut p, "prefix-cache-tokens", 0u64)?;
+                prefix_set = true;
+            }
             Long("time-scale") => {
                 c.engine.timing.time_scale = float(&mut p, "time-scale", 0.0, false)?
             }
@@ -233,6 +251,17 @@ where
             other => return Err(unknown(other)),
         }
     }
+    // The prefix cache lives in the KV cache: a small --kv-cache-tokens shrinks
+    // the default cache, an explicit larger one is a mistake.
+    if !prefix_set {
+        c.engine.prefix_cache_tokens = c.engine.prefix_cache_tokens.min(c.engine.kv_cache_tokens);
+    }
+    if c.engine.prefix_cache_tokens > c.engine.kv_cache_tokens {
+        return Err(CliError(format!(
+            "--prefix-cache-tokens: {} exceeds --kv-cache-tokens {} (cached blocks live in the KV cache)",
+            c.engine.prefix_cache_tokens, c.engine.kv_cache_tokens
+        )));
+    }
     Ok(Parsed::Run(c))
 }
 
@@ -245,6 +274,8 @@ pub fn load_help() -> String {
 Closed loop (default): --users N users each send a request, read the whole
 response (the SSE stream to [DONE]), think --think-ms, repeat; each user has
 its own HTTP/1.1 keep-alive connection. Open loop: --rate R Poisson arrivals.
+With several URLs, users are dealt to them in turn (user u gets URL u mod n)
+and each open-loop arrival picks one uniformly at random.
 Runs for --duration SECS (after --warmup) or until --requests N measured
 requests have been sent, whichever comes first; in-flight requests are then
 awaited up to --drain-timeout. Prints a table on stdout; --json FILE writes
@@ -253,7 +284,7 @@ the report as JSON. Percentiles use the nearest-rank method.
 Usage: model-load [OPTIONS]
 
 Target:
-  --url URL               Base URL, http only [default: {url}]
+  --url URL[,URL...]      Base URL, http only; repeatable or comma-separated [default: {url}]
   --api API               chat or completions [default: chat]
   --stream                Request SSE streaming (\"stream\": true) [default: off]
   --model NAME            \"model\" field of requests; '' omits it [default: {model}]
@@ -274,8 +305,23 @@ Workload (reproducible: each user draws from its own stream of --seed):
   --seed N                Seed [default: 0]
   --max-tokens DIST       none (server decides), fixed:N, lognormal:MEDIAN:SIGMA[:MAX],
                           uniform:MIN:MAX [default: {mt}]
-  --prompt-tokens DIST    Prompt length in tokens (~4 chars each), same syntax but not none
-                          [default: {pt}]
+  --prompt-tokens DIST    Prompt length in tokens (4 chars each), same syntax but not none; in
+                          shared-prefix, the length of each new user message [default: {pt}]
+  --workload KIND         unique or shared-prefix (below) [default: unique]
+  --prefix-groups G       shared-prefix: number of system prompts (groups) [default: {pg}]
+  --system-prompt-tokens S
+                          shared-prefix: tokens of each system prompt [default: {spt}]
+  --turns N               shared-prefix: turns per conversation [default: {turns}]
+  --conversations M       shared-prefix, open loop: conversations kept open [default: {convs}]
+
+  unique: each request is one user message of text unique to it (and to the run),
+  so no two prompts share a prefix beyond the chat template. shared-prefix: chat
+  conversations; each is in one of G groups (drawn uniformly) whose system prompt
+  of S tokens (the same for a given --seed) it shares; a turn sends the system prompt, the history (user messages
+  and the answers received) and a new user message; after N turns (or a failed
+  one) a new conversation starts. In closed loop each user holds one conversation;
+  in open loop an arrival starts a conversation while fewer than M are open, else
+  continues a random idle one (one more starts when none is idle).
 
 Report:
   --instances K           Instances for per-instance throughput [default: distinct x-served-by seen]
@@ -294,7 +340,7 @@ Exit status: 0 when the run completed (even with request errors), 1 with
 arguments.
 ",
         ver = env!("CARGO_PKG_VERSION"),
-        url = d.target.url,
+        url = d.targets.iter().map(|t| t.url.as_str()).collect::<Vec<_>>().join(","),
         model = d.model.unwrap_or_default(),
         timeout = d.timeout.as_secs(),
         users = d.users,
@@ -303,6 +349,10 @@ arguments.
         drain = d.drain_timeout.as_secs(),
         mt = d.max_tokens,
         pt = d.prompt_tokens,
+        pg = d.prefix_groups,
+        spt = d.system_prompt_tokens,
+        turns = d.turns,
+        convs = d.conversations,
         label = d.label,
         threads = d.threads,
     )
@@ -325,6 +375,9 @@ where
         ..LoadConfig::default()
     };
     let mut users_set = false;
+    let mut urls_set = false;
+    // Shared-prefix-only flags seen, to reject them with another workload.
+    let mut prefix_flags: Vec<&str> = Vec::new();
     let mut p = lexopt::Parser::from_args(args);
     while let Some(arg) = p.next()? {
         match arg {
@@ -332,7 +385,13 @@ where
             Short('V') | Long("version") => return Ok(Parsed::Version),
             Long("url") => {
                 let u = raw(&mut p, "url")?;
-                c.target = Target::parse(&u).map_err(|e| CliError(format!("--url: {e}")))?;
+                let targets =
+                    Target::parse_list(&u).map_err(|e| CliError(format!("--url: {e}")))?;
+                if !urls_set {
+                    c.targets.clear();
+                    urls_set = true;
+                }
+                c.targets.extend(targets);
             }
             Long("api") => {
                 c.api = match raw(&mut p, "api")?.as_str() {
@@ -389,6 +448,28 @@ where
                 }
                 c.prompt_tokens = d;
             }
+            Long("workload") => {
+                let w = raw(&mut p, "workload")?;
+                c.workload = w
+                    .parse()
+                    .map_err(|e| CliError(format!("--workload: {e}")))?;
+            }
+            Long("prefix-groups") => {
+                c.prefix_groups = int_min(&mut p, "prefix-groups", 1u64)?;
+                prefix_flags.push("--prefix-groups");
+            }
+            Long("system-prompt-tokens") => {
+                c.system_prompt_tokens = int_min(&mut p, "system-prompt-tokens", 1u64)?;
+                prefix_flags.push("--system-prompt-tokens");
+            }
+            Long("turns") => {
+                c.turns = int_min(&mut p, "turns", 1u32)?;
+                prefix_flags.push("--turns");
+            }
+            Long("conversations") => {
+                c.conversations = int_min(&mut p, "conversations", 1usize)?;
+                prefix_flags.push("--conversations");
+            }
             Long("instances") => c.instances = Some(int_min(&mut p, "instances", 1usize)?),
             Long("label") => c.label = raw(&mut p, "label")?,
             Long("json") => c.json = Some(raw(&mut p, "json")?.into()),
@@ -402,6 +483,19 @@ where
     if users_set && c.rate.is_some() {
         return Err(CliError(
             "--rate: cannot be combined with --users (--rate runs an open loop; cap it with --max-inflight)".into(),
+        ));
+    }
+    if let Some(flag) = prefix_flags.first() {
+        if c.workload != WorkloadKind::SharedPrefix {
+            return Err(CliError(format!(
+                "{flag}: only with --workload shared-prefix"
+            )));
+        }
+    }
+    if prefix_flags.contains(&"--conversations") && c.rate.is_none() {
+        return Err(CliError(
+            "--conversations: only with --rate (in closed loop each user holds one conversation)"
+                .into(),
         ));
     }
     if c.duration.is_none() && c.requests.is_none() {
@@ -448,6 +542,8 @@ mod tests {
         assert_eq!(c.engine.max_queue, 1024);
         assert_eq!(c.fail_rate, 0.0);
         assert_eq!(c.threads, 1);
+        assert_eq!(c.engine.kv_cache_tokens, 65536);
+        assert_eq!(c.engine.prefix_cache_tokens, 32768);
     }
 
     #[test]
@@ -470,8 +566,19 @@ mod tests {
             "0",
             "--tokens-per-chunk",
             "4",
+            "--prefix-cache-tokens",
+            "0",
+            "--kv-cache-tokens",
+            "1000",
         ])
         .unwrap();
+        assert_eq!(c.engine.prefix_cache_tokens, 0);
+        assert_eq!(c.engine.kv_cache_tokens, 1000);
+        let small = server(&["--kv-cache-tokens", "1000"]).unwrap();
+        assert_eq!(
+            small.engine.prefix_cache_tokens, 1000,
+            "default cache shrinks to fit"
+        );
         assert_eq!(c.listen, "127.0.0.1:0");
         assert_eq!(c.id.as_deref(), Some("b1"));
         assert_eq!(c.engine.max_batch, 2);
@@ -498,6 +605,15 @@ mod tests {
             (&["--seed"][..], "--seed"),
             (&["--bogus"][..], "--bogus"),
             (&["--id", "bad\nid"][..], "--id"),
+            (&["--kv-cache-tokens", "0"][..], "--kv-cache-tokens"),
+            (
+                &["--prefix-cache-tokens", "-1"][..],
+                "--prefix-cache-tokens",
+            ),
+            (
+                &["--kv-cache-tokens", "1000", "--prefix-cache-tokens", "2000"][..],
+                "--prefix-cache-tokens",
+            ),
         ] {
             let e = server(args).unwrap_err();
             assert!(e.0.contains(flag), "{args:?}: {e}");
@@ -527,6 +643,7 @@ mod tests {
             "--fail-status",
             "--fail-rate",
             "--threads",
+            "--kv-cache-tokens",
         ] {
             let line = h
                 .lines()
@@ -555,6 +672,11 @@ mod tests {
             "--label",
             "--threads",
             "--max-inflight",
+            "--workload",
+            "--prefix-groups",
+            "--system-prompt-tokens",
+            "--turns",
+            "--conversations",
         ] {
             let line = h
                 .lines()
@@ -615,7 +737,8 @@ mod tests {
             "0.5",
         ])
         .unwrap();
-        assert_eq!(c.target.port, 9);
+        assert_eq!(c.targets.len(), 1);
+        assert_eq!(c.targets[0].port, 9);
         assert_eq!(c.api, Api::Completions);
         assert!(c.stream && c.quiet && c.fail_on_errors);
         assert_eq!(c.samples, Some(std::path::PathBuf::from("/tmp/r.jsonl")));
@@ -634,6 +757,88 @@ mod tests {
         let c = load(&["--rate", "2.5", "--duration", "3"]).unwrap();
         assert_eq!(c.rate, Some(2.5));
         assert_eq!(c.duration, Some(Duration::from_secs(3)));
+        assert_eq!(c.workload, WorkloadKind::Unique);
+    }
+
+    #[test]
+    fn several_urls() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.targets, vec![Target::default()]);
+        let c = load(&[
+            "--url",
+            "http://127.0.0.1:1,http://127.0.0.1:2",
+            "--url=http://127.0.0.1:3/p",
+        ])
+        .unwrap();
+        let ports: Vec<u16> = c.targets.iter().map(|t| t.port).collect();
+        assert_eq!(ports, [1, 2, 3]);
+        assert_eq!(c.targets[2].base_path, "/p");
+        for bad in ["http://a:1,,http://b:2", "http://a:1,https://b:2", ","] {
+            let e = load(&["--url", bad]).unwrap_err();
+            assert!(e.0.contains("--url"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn shared_prefix_flags() {
+        let c = load(&["--workload", "shared-prefix"]).unwrap();
+        assert_eq!(c.workload, WorkloadKind::SharedPrefix);
+        assert_eq!(
+            (
+                c.prefix_groups,
+                c.system_prompt_tokens,
+                c.turns,
+                c.conversations
+            ),
+            (8, 2000, 4, 32)
+        );
+        let c = load(&[
+            "--prefix-groups",
+            "3",
+            "--workload",
+            "shared-prefix",
+            "--system-prompt-tokens",
+            "500",
+            "--turns",
+            "2",
+            "--rate",
+            "5",
+            "--conversations",
+            "10",
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                c.prefix_groups,
+                c.system_prompt_tokens,
+                c.turns,
+                c.conversations
+            ),
+            (3, 500, 2, 10)
+        );
+        for (args, flag) in [
+            (&["--workload", "shared"][..], "--workload"),
+            (&["--turns", "3"][..], "--turns"),
+            (
+                &["--workload", "unique", "--prefix-groups", "2"][..],
+                "--prefix-groups",
+            ),
+            (
+                &["--workload", "shared-prefix", "--turns", "0"][..],
+                "--turns",
+            ),
+            (
+                &["--workload", "shared-prefix", "--system-prompt-tokens", "0"][..],
+                "--system-prompt-tokens",
+            ),
+            (
+                &["--workload", "shared-prefix", "--conversations", "4"][..],
+                "--conversations",
+            ),
+        ] {
+            let e = load(args).unwrap_err();
+            assert!(e.0.contains(flag), "{args:?}: {e}");
+        }
     }
 
     #[test]

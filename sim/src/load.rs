@@ -1,6 +1,8 @@
 //! The `model-load` engine: closed-loop users or open-loop Poisson arrivals
 //! against an OpenAI-compatible endpoint, one HTTP/1.1 keep-alive connection
-//! per user (a shared pool in open loop), with per-request measurements.
+//! per user (a shared pool per URL in open loop), with per-request
+//! measurements. With several URLs (replicas of a proxy) closed-loop users
+//! are dealt to them in turn and each open-loop arrival picks one uniformly.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -25,6 +27,7 @@ use crate::openai::Api;
 use crate::report::{build_report, Report};
 use crate::rng::Rng;
 use crate::server::SERVED_BY;
+use crate::workload::{system_key, text_key, Conversations, Prompt, Turn, WorkloadKind};
 
 /// Where requests go: `http://host[:port][/base]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,12 +84,40 @@ impl Target {
     pub fn path(&self, api: Api) -> String {
         format!("{}{}", self.base_path, api.path())
     }
+
+    /// Parses `--url`: one URL or a comma-separated list.
+    pub fn parse_list(urls: &str) -> Result<Vec<Target>, String> {
+        urls.split(',')
+            .map(|u| {
+                let u = u.trim();
+                if u.is_empty() {
+                    Err(format!("empty URL in '{urls}'"))
+                } else {
+                    Target::parse(u)
+                }
+            })
+            .collect()
+    }
+}
+
+impl Default for Target {
+    fn default() -> Self {
+        Target {
+            url: "http://127.0.0.1:10000".into(),
+            host: "127.0.0.1".into(),
+            port: 10000,
+            authority: "127.0.0.1:10000".into(),
+            base_path: String::new(),
+        }
+    }
 }
 
 /// Everything a load run needs (see `model-load --help`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoadConfig {
-    pub target: Target,
+    /// At least one; closed-loop user `u` uses `targets[u % n]`, open-loop
+    /// arrivals pick one uniformly.
+    pub targets: Vec<Target>,
     pub api: Api,
     pub stream: bool,
     pub model: Option<String>,
@@ -104,7 +135,17 @@ pub struct LoadConfig {
     pub drain_timeout: Duration,
     pub seed: u64,
     pub max_tokens: Dist,
+    /// Tokens of each (new) user message.
     pub prompt_tokens: Dist,
+    pub workload: WorkloadKind,
+    /// Shared-prefix workload: number of system prompts.
+    pub prefix_groups: u64,
+    /// Shared-prefix workload: tokens of each system prompt.
+    pub system_prompt_tokens: u64,
+    /// Shared-prefix workload: turns per conversation.
+    pub turns: u32,
+    /// Shared-prefix workload, open loop: conversations kept open.
+    pub conversations: usize,
     pub instances: Option<usize>,
     pub label: String,
     pub json: Option<PathBuf>,
@@ -121,13 +162,7 @@ pub struct LoadConfig {
 impl Default for LoadConfig {
     fn default() -> Self {
         LoadConfig {
-            target: Target {
-                url: "http://127.0.0.1:10000".into(),
-                host: "127.0.0.1".into(),
-                port: 10000,
-                authority: "127.0.0.1:10000".into(),
-                base_path: String::new(),
-            },
+            targets: vec![Target::default()],
             api: Api::Chat,
             stream: false,
             model: Some("sim-model".into()),
@@ -144,6 +179,11 @@ impl Default for LoadConfig {
             seed: 0,
             max_tokens: Dist::None,
             prompt_tokens: Dist::Fixed(128),
+            workload: WorkloadKind::Unique,
+            prefix_groups: 8,
+            system_prompt_tokens: 2000,
+            turns: 4,
+            conversations: 32,
             instances: None,
             label: "run".into(),
             json: None,
@@ -343,35 +383,97 @@ impl RequestSpec {
     }
 }
 
-const PROMPT_WORDS: [&str; 8] = [
-    "lab ", "sim ", "cat ", "map ", "sun ", "box ", "net ", "bit ",
-];
-
-/// A prompt of `tokens` four-character words.
-pub fn prompt_text(tokens: u64) -> String {
-    let n = tokens.min(1 << 20) as usize;
-    let mut s = String::with_capacity(n * 4);
-    for i in 0..n {
-        s.push_str(PROMPT_WORDS[i % PROMPT_WORDS.len()]);
-    }
-    s
+/// A request ready to send: what it asks and, in the shared-prefix
+/// workload, the conversation it continues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Planned {
+    pub prompt: Prompt,
+    pub max_tokens: Option<u64>,
+    pub conversation: Option<u64>,
 }
 
-/// The JSON request body for `spec`.
-pub fn request_body(cfg: &LoadConfig, spec: &RequestSpec) -> Bytes {
+impl Planned {
+    /// Plans request `index` of key stream `stream`: `spec` sizes its new
+    /// user message; shared-prefix requests take their conversation from
+    /// `convs` (drawing from `rng` only when a new one starts).
+    pub fn new(
+        cfg: &LoadConfig,
+        nonce: u64,
+        spec: RequestSpec,
+        stream: u64,
+        index: u64,
+        convs: &mut Conversations,
+        rng: &mut Rng,
+    ) -> Planned {
+        let key = text_key(nonce, stream, index);
+        let (prompt, conversation) = match cfg.workload {
+            WorkloadKind::Unique => (
+                Prompt::Unique {
+                    key,
+                    tokens: spec.prompt_tokens,
+                },
+                None,
+            ),
+            WorkloadKind::SharedPrefix => {
+                let picked = convs.pick(rng);
+                let prompt = Prompt::Conversation {
+                    system_key: system_key(cfg.seed, picked.group),
+                    system_tokens: cfg.system_prompt_tokens,
+                    history: picked.history,
+                    user_key: key,
+                    user_tokens: spec.prompt_tokens,
+                };
+                (prompt, Some(picked.id))
+            }
+        };
+        Planned {
+            prompt,
+            max_tokens: spec.max_tokens,
+            conversation,
+        }
+    }
+
+    /// Feeds the outcome back into the conversation (a no-op for unique prompts).
+    pub fn settle(&self, convs: &mut Conversations, rec: &Record) {
+        let (
+            Some(id),
+            Prompt::Conversation {
+                user_key,
+                user_tokens,
+                ..
+            },
+        ) = (self.conversation, &self.prompt)
+        else {
+            return;
+        };
+        let turn = rec.error.is_none().then_some(Turn {
+            user_key: *user_key,
+            user_tokens: *user_tokens,
+            answer_tokens: rec.tokens,
+        });
+        convs.finish(id, turn);
+    }
+}
+
+/// The JSON request body for `plan`.
+pub fn request_body(cfg: &LoadConfig, plan: &Planned) -> Bytes {
     let mut obj = Map::new();
     if let Some(m) = &cfg.model {
         obj.insert("model".into(), json!(m));
     }
-    let text = prompt_text(spec.prompt_tokens);
     match cfg.api {
-        Api::Chat => obj.insert(
-            "messages".into(),
-            json!([{"role": "user", "content": text}]),
-        ),
-        Api::Completions => obj.insert("prompt".into(), json!(text)),
+        Api::Chat => {
+            let messages: Vec<Value> = plan
+                .prompt
+                .messages()
+                .into_iter()
+                .map(|(role, content)| json!({"role": role, "content": content}))
+                .collect();
+            obj.insert("messages".into(), Value::Array(messages))
+        }
+        Api::Completions => obj.insert("prompt".into(), json!(plan.prompt.text())),
     };
-    if let Some(n) = spec.max_tokens {
+    if let Some(n) = plan.max_tokens {
         obj.insert("max_tokens".into(), json!(n));
     }
     obj.insert("stream".into(), json!(cfg.stream));
@@ -417,7 +519,10 @@ pub struct Live {
 
 struct Shared {
     cfg: LoadConfig,
-    path: String,
+    /// Request path per target.
+    paths: Vec<String>,
+    /// Keys the user messages of this run (see [`crate::workload`]).
+    nonce: u64,
     headers: Vec<(HeaderName, HeaderValue)>,
     t0: Instant,
     measure_start: Instant,
@@ -439,24 +544,28 @@ impl Shared {
     async fn attempt(
         &self,
         conn: &mut Option<Conn>,
+        target: usize,
         body: Bytes,
         start: Instant,
         p: &mut Partial,
     ) -> Result<(), ErrorKind> {
+        let (Some(t), Some(path)) = (self.cfg.targets.get(target), self.paths.get(target)) else {
+            return Err(ErrorKind::Connect);
+        };
         if conn.as_ref().is_some_and(|c| c.sender.is_closed()) {
             *conn = None;
         }
         let mut c = match conn.take() {
             Some(c) => c,
-            None => connect(&self.cfg.target).await?,
+            None => connect(t).await?,
         };
         if c.sender.ready().await.is_err() {
             // The idle keep-alive connection was closed by the peer: reconnect once.
-            c = connect(&self.cfg.target).await?;
+            c = connect(t).await?;
             c.sender.ready().await.map_err(|_| ErrorKind::Connect)?;
         }
-        let mut req = Request::post(self.path.as_str())
-            .header(HOST, self.cfg.target.authority.as_str())
+        let mut req = Request::post(path.as_str())
+            .header(HOST, t.authority.as_str())
             .header(CONTENT_TYPE, "application/json")
             .body(Full::new(body))
             .map_err(|_| ErrorKind::Io)?;
@@ -513,8 +622,8 @@ impl Shared {
     }
 
     /// Sends one request and measures it. Never panics; always returns a record.
-    async fn execute(&self, conn: &mut Option<Conn>, spec: RequestSpec) -> Record {
-        let body = request_body(&self.cfg, &spec);
+    async fn execute(&self, conn: &mut Option<Conn>, target: usize, plan: &Planned) -> Record {
+        let body = request_body(&self.cfg, plan);
         let start = Instant::now();
         let warmup = start < self.measure_start;
         self.live.inflight.fetch_add(1, Ordering::Relaxed);
@@ -523,7 +632,8 @@ impl Shared {
             limit = limit.min(h);
         }
         let mut p = Partial::default();
-        let result = tokio::time::timeout_at(limit, self.attempt(conn, body, start, &mut p)).await;
+        let result =
+            tokio::time::timeout_at(limit, self.attempt(conn, target, body, start, &mut p)).await;
         let error = match result {
             Ok(Ok(())) => None,
             Ok(Err(kind)) => Some(kind),
@@ -550,8 +660,8 @@ impl Shared {
             backend: p.backend,
             error,
             warmup,
-            prompt_tokens: spec.prompt_tokens,
-            max_tokens: spec.max_tokens,
+            prompt_tokens: plan.prompt.tokens(),
+            max_tokens: plan.max_tokens,
         }
     }
 
@@ -577,42 +687,73 @@ impl Shared {
 }
 
 async fn user_loop(shared: Arc<Shared>, user: usize) -> Vec<Record> {
-    let mut rng = Rng::stream(shared.cfg.seed, user as u64);
+    let cfg = &shared.cfg;
+    let mut rng = Rng::stream(cfg.seed, user as u64);
+    let target = user % cfg.targets.len().max(1);
+    // A user holds one conversation at a time.
+    let mut convs = Conversations::new(1, cfg.turns, cfg.prefix_groups);
     let mut conn: Option<Conn> = None;
     let mut out = Vec::new();
-    loop {
+    for index in 0.. {
         let now = Instant::now();
         if shared.past_deadline(now) || !shared.claim(now < shared.measure_start) {
             break;
         }
-        let spec = RequestSpec::draw(&shared.cfg, &mut rng);
-        let rec = shared.execute(&mut conn, spec).await;
+        let spec = RequestSpec::draw(cfg, &mut rng);
+        let plan = Planned::new(
+            cfg,
+            shared.nonce,
+            spec,
+            user as u64,
+            index,
+            &mut convs,
+            &mut rng,
+        );
+        let rec = shared.execute(&mut conn, target, &plan).await;
+        plan.settle(&mut convs, &rec);
         let connect_failed = rec.error == Some(ErrorKind::Connect);
         out.push(rec);
         if connect_failed {
             // Nothing listens: do not spin.
             shared.sleep_bounded(Duration::from_millis(50)).await;
         }
-        if !shared.cfg.think.is_zero() {
-            shared.sleep_bounded(shared.cfg.think).await;
+        if !cfg.think.is_zero() {
+            shared.sleep_bounded(cfg.think).await;
         }
     }
     out
 }
 
-/// Separate RNG streams for open-loop arrivals and request contents, far from
-/// the per-user streams (0, 1, 2, ...).
+/// Separate RNG streams for open-loop arrivals, request contents and URL
+/// choice, far from the per-user streams (0, 1, 2, ...).
 const ARRIVAL_STREAM: u64 = u64::MAX;
 const OPEN_REQUEST_STREAM: u64 = u64::MAX - 1;
+const URL_STREAM: u64 = u64::MAX - 2;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
 
 async fn open_loop(shared: Arc<Shared>, rate: f64) -> Vec<Record> {
-    let mut arrivals = Rng::stream(shared.cfg.seed, ARRIVAL_STREAM);
-    let mut contents = Rng::stream(shared.cfg.seed, OPEN_REQUEST_STREAM);
-    let pool: Arc<Mutex<Vec<Conn>>> = Arc::new(Mutex::new(Vec::new()));
+    let cfg = &shared.cfg;
+    let mut arrivals = Rng::stream(cfg.seed, ARRIVAL_STREAM);
+    let mut contents = Rng::stream(cfg.seed, OPEN_REQUEST_STREAM);
+    let mut urls = Rng::stream(cfg.seed, URL_STREAM);
+    let n_targets = cfg.targets.len().max(1);
+    let pools: Arc<Vec<Mutex<Vec<Conn>>>> =
+        Arc::new((0..n_targets).map(|_| Mutex::new(Vec::new())).collect());
+    let convs = Arc::new(Mutex::new(Conversations::new(
+        cfg.conversations,
+        cfg.turns,
+        cfg.prefix_groups,
+    )));
     let mut tasks: JoinSet<Record> = JoinSet::new();
     let mut out = Vec::new();
     let mut next = shared.t0;
-    loop {
+    for index in 0.. {
         next += Duration::from_secs_f64(arrivals.exponential(rate).min(1e6));
         if shared.past_deadline(next) {
             break;
@@ -626,8 +767,25 @@ async fn open_loop(shared: Arc<Shared>, rate: f64) -> Vec<Record> {
         if !shared.claim(next < shared.measure_start) {
             break;
         }
-        let spec = RequestSpec::draw(&shared.cfg, &mut contents);
-        if shared.live.inflight.load(Ordering::Relaxed) >= shared.cfg.max_inflight as u64 {
+        let spec = RequestSpec::draw(cfg, &mut contents);
+        let plan = Planned::new(
+            cfg,
+            shared.nonce,
+            spec,
+            OPEN_REQUEST_STREAM,
+            index,
+            &mut lock(&convs),
+            &mut contents,
+        );
+        let target = if n_targets > 1 {
+            urls.range_inclusive(0, n_targets as u64 - 1) as usize
+        } else {
+            0
+        };
+        if shared.live.inflight.load(Ordering::Relaxed) >= cfg.max_inflight as u64 {
+            if let Some(id) = plan.conversation {
+                lock(&convs).release(id);
+            }
             let at = Instant::now() - shared.t0;
             shared.live.done.fetch_add(1, Ordering::Relaxed);
             shared.live.errors.fetch_add(1, Ordering::Relaxed);
@@ -641,22 +799,22 @@ async fn open_loop(shared: Arc<Shared>, rate: f64) -> Vec<Record> {
                 backend: None,
                 error: Some(ErrorKind::Dropped),
                 warmup: next < shared.measure_start,
-                prompt_tokens: spec.prompt_tokens,
-                max_tokens: spec.max_tokens,
+                prompt_tokens: plan.prompt.tokens(),
+                max_tokens: plan.max_tokens,
             });
             continue;
         }
         let shared = Arc::clone(&shared);
-        let pool = Arc::clone(&pool);
+        let pools = Arc::clone(&pools);
+        let convs = Arc::clone(&convs);
         tasks.spawn(async move {
-            let mut conn = match pool.lock() {
-                Ok(mut p) => p.pop(),
-                Err(_) => None,
-            };
-            let rec = shared.execute(&mut conn, spec).await;
-            if let (Some(c), Ok(mut p)) = (conn, pool.lock()) {
-                p.push(c);
+            let pool = &pools[target];
+            let mut conn = lock(pool).pop();
+            let rec = shared.execute(&mut conn, target, &plan).await;
+            if let Some(c) = conn {
+                lock(pool).push(c);
             }
+            plan.settle(&mut lock(&convs), &rec);
             rec
         });
     }
@@ -704,10 +862,22 @@ fn progress_line(shared: &Shared) -> String {
     )
 }
 
+/// A number that differs between runs, so that prompt texts do too.
+fn run_nonce() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    crate::rng::SplitMix64::new(nanos ^ (u64::from(std::process::id()) << 32)).next_u64()
+}
+
 /// Runs the configured load and builds the report.
 pub async fn run(cfg: LoadConfig) -> Result<RunOutput, String> {
     if cfg.users == 0 && cfg.rate.is_none() {
         return Err("--users must be at least 1".into());
+    }
+    if cfg.targets.is_empty() {
+        return Err("--url: at least one URL is needed".into());
     }
     let mut headers = Vec::new();
     for (k, v) in &cfg.headers {
@@ -722,7 +892,8 @@ pub async fn run(cfg: LoadConfig) -> Result<RunOutput, String> {
     let deadline = cfg.duration.map(|d| measure_start + d);
     let hard_stop = deadline.map(|d| d + cfg.drain_timeout);
     let shared = Arc::new(Shared {
-        path: cfg.target.path(cfg.api),
+        paths: cfg.targets.iter().map(|t| t.path(cfg.api)).collect(),
+        nonce: run_nonce(),
         cfg,
         headers,
         t0,
@@ -896,22 +1067,36 @@ mod tests {
             .all(|s| (10..=500).contains(&s.prompt_tokens) && s.max_tokens.is_some()));
     }
 
+    fn plan(cfg: &LoadConfig, spec: RequestSpec, index: u64, convs: &mut Conversations) -> Planned {
+        Planned::new(cfg, 7, spec, 0, index, convs, &mut Rng::new(index))
+    }
+
     #[test]
     fn request_bodies() {
         let mut cfg = LoadConfig {
             stream: true,
             ..LoadConfig::default()
         };
+        let mut convs = Conversations::new(1, 4, 8);
         let spec = RequestSpec {
             prompt_tokens: 5,
             max_tokens: Some(9),
         };
-        let v: Value = serde_json::from_slice(&request_body(&cfg, &spec)).unwrap();
-        assert_eq!(v["messages"][0]["content"].as_str().unwrap().len(), 20);
+        let p = plan(&cfg, spec, 0, &mut convs);
+        assert_eq!((p.prompt.tokens(), p.conversation), (5, None));
+        let v: Value = serde_json::from_slice(&request_body(&cfg, &p)).unwrap();
+        assert_eq!(v["messages"].as_array().unwrap().len(), 1);
+        assert_eq!(v["messages"][0]["role"], "user");
+        let text = v["messages"][0]["content"].as_str().unwrap().to_string();
+        assert_eq!(text.len(), 20);
         assert_eq!(v["max_tokens"], 9);
         assert_eq!(v["stream"], true);
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["model"], "sim-model");
+        // The next request's text differs.
+        let v: Value =
+            serde_json::from_slice(&request_body(&cfg, &plan(&cfg, spec, 1, &mut convs))).unwrap();
+        assert_ne!(v["messages"][0]["content"].as_str().unwrap(), text);
         cfg.api = Api::Completions;
         cfg.stream = false;
         cfg.model = None;
@@ -919,9 +1104,70 @@ mod tests {
             prompt_tokens: 3,
             max_tokens: None,
         };
-        let v: Value = serde_json::from_slice(&request_body(&cfg, &spec)).unwrap();
+        let v: Value =
+            serde_json::from_slice(&request_body(&cfg, &plan(&cfg, spec, 2, &mut convs))).unwrap();
         assert_eq!(v["prompt"].as_str().unwrap().len(), 12);
         assert!(v.get("max_tokens").is_none() && v.get("model").is_none());
         assert!(v.get("stream_options").is_none());
+    }
+
+    #[test]
+    fn shared_prefix_requests_carry_the_conversation() {
+        let cfg = LoadConfig {
+            workload: WorkloadKind::SharedPrefix,
+            system_prompt_tokens: 50,
+            turns: 2,
+            ..LoadConfig::default()
+        };
+        let mut convs = Conversations::new(1, cfg.turns, cfg.prefix_groups);
+        let spec = RequestSpec {
+            prompt_tokens: 10,
+            max_tokens: Some(4),
+        };
+        let first = plan(&cfg, spec, 0, &mut convs);
+        assert_eq!(first.prompt.tokens(), 60);
+        let v: Value = serde_json::from_slice(&request_body(&cfg, &first)).unwrap();
+        let roles: Vec<&str> = v["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["role"].as_str().unwrap())
+            .collect();
+        assert_eq!(roles, ["system", "user"]);
+        assert_eq!(v["messages"][0]["content"].as_str().unwrap().len(), 200);
+        let ok = |tokens| Record {
+            start: Duration::ZERO,
+            end: Duration::ZERO,
+            latency_ms: 0.0,
+            ttft_ms: None,
+            tokens,
+            status: Some(200),
+            backend: None,
+            error: None,
+            warmup: false,
+            prompt_tokens: 0,
+            max_tokens: None,
+        };
+        first.settle(&mut convs, &ok(4));
+        let second = plan(&cfg, spec, 1, &mut convs);
+        assert_eq!(second.conversation, first.conversation);
+        assert_eq!(second.prompt.tokens(), 60 + 4 + 10);
+        let v: Value = serde_json::from_slice(&request_body(&cfg, &second)).unwrap();
+        assert_eq!(v["messages"].as_array().unwrap().len(), 4);
+        assert_eq!(v["messages"][2]["role"], "assistant");
+        second.settle(&mut convs, &ok(4));
+        // Two turns: the next request starts over.
+        let third = plan(&cfg, spec, 2, &mut convs);
+        assert_ne!(third.conversation, first.conversation);
+        assert_eq!(third.prompt.tokens(), 60);
+        // A failure abandons the conversation.
+        third.settle(
+            &mut convs,
+            &Record {
+                error: Some(ErrorKind::Status(503)),
+                ..ok(0)
+            },
+        );
+        assert_eq!(convs.open(), 0);
     }
 }

@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
-use crate::model::estimate_tokens;
+use crate::prefix::{block_hashes, tokenize};
 
 /// Which OpenAI endpoint a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +28,10 @@ impl Api {
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenRequest {
     pub api: Api,
+    /// Tokens of the prompt text (chat: the rendered conversation), at least 1.
     pub prompt_tokens: u64,
+    /// Chained hashes of the prompt's full blocks, for the prefix cache.
+    pub blocks: Vec<u64>,
     /// Exact number of tokens to generate, when the client set it.
     pub max_tokens: Option<u64>,
     pub stream: bool,
@@ -96,26 +99,24 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-fn prompt_tokens(v: Option<&Value>) -> Result<u64, BadRequest> {
+/// The prompt's tokens: text is tokenised (an array of strings as their
+/// concatenation), token ids are taken as they are.
+fn prompt_tokens(v: Option<&Value>) -> Result<Vec<u64>, BadRequest> {
     let bad = || {
         BadRequest("'prompt' must be a string, an array of strings or an array of token ids".into())
     };
     match v {
         None | Some(Value::Null) => Err(BadRequest("'prompt' is required".into())),
-        Some(Value::String(s)) => Ok(estimate_tokens(s.chars().count())),
+        Some(Value::String(s)) => Ok(tokenize(s)),
         Some(Value::Array(items)) => {
             if items.is_empty() {
                 return Err(BadRequest("'prompt' must not be empty".into()));
             }
             if items.iter().all(Value::is_string) {
-                let chars: usize = items
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .map(|s| s.chars().count())
-                    .sum();
-                Ok(estimate_tokens(chars))
+                let text: String = items.iter().filter_map(Value::as_str).collect();
+                Ok(tokenize(&text))
             } else if items.iter().all(Value::is_u64) {
-                Ok(items.len() as u64)
+                Ok(items.iter().filter_map(Value::as_u64).collect())
             } else {
                 Err(bad())
             }
@@ -124,7 +125,10 @@ fn prompt_tokens(v: Option<&Value>) -> Result<u64, BadRequest> {
     }
 }
 
-fn message_chars(v: Option<&Value>) -> Result<usize, BadRequest> {
+/// The text a chat request is tokenised as: `role: content\n` per message,
+/// in order (text parts of an array content concatenated), a stand-in for a
+/// chat template that makes equal conversation prefixes equal token prefixes.
+fn chat_prompt(v: Option<&Value>) -> Result<String, BadRequest> {
     let messages = match v {
         None | Some(Value::Null) => return Err(BadRequest("'messages' is required".into())),
         Some(Value::Array(m)) => m,
@@ -140,22 +144,25 @@ fn message_chars(v: Option<&Value>) -> Result<usize, BadRequest> {
             "'messages' must contain at least one message".into(),
         ));
     }
-    let mut chars = 0usize;
+    let mut text = String::new();
     for (i, m) in messages.iter().enumerate() {
         let Some(obj) = m.as_object() else {
             return Err(BadRequest(format!("'messages[{i}]' must be an object")));
         };
         match obj.get("role") {
-            Some(Value::String(_)) => {}
+            Some(Value::String(role)) => {
+                text.push_str(role);
+                text.push_str(": ");
+            }
             _ => return Err(BadRequest(format!("'messages[{i}].role' must be a string"))),
         }
         match obj.get("content") {
             None | Some(Value::Null) => {}
-            Some(Value::String(s)) => chars += s.chars().count(),
+            Some(Value::String(s)) => text.push_str(s),
             Some(Value::Array(parts)) => {
                 for part in parts {
                     match part.get("text") {
-                        Some(Value::String(t)) => chars += t.chars().count(),
+                        Some(Value::String(t)) => text.push_str(t),
                         _ if part.is_object() => {}
                         _ => {
                             return Err(BadRequest(format!(
@@ -172,8 +179,9 @@ fn message_chars(v: Option<&Value>) -> Result<usize, BadRequest> {
                 )))
             }
         }
+        text.push('\n');
     }
-    Ok(chars)
+    Ok(text)
 }
 
 /// Parses and validates a request body for `api`.
@@ -187,10 +195,13 @@ pub fn parse_request(
     let Value::Object(obj) = value else {
         return Err(BadRequest("Request body must be a JSON object".into()));
     };
-    let prompt_tokens = match api {
+    let tokens = match api {
         Api::Completions => prompt_tokens(obj.get("prompt"))?,
-        Api::Chat => estimate_tokens(message_chars(obj.get("messages"))?),
+        Api::Chat => tokenize(&chat_prompt(obj.get("messages"))?),
     };
+    // An empty prompt still costs a token (as the estimate always did).
+    let prompt_tokens = (tokens.len() as u64).max(1);
+    let blocks = block_hashes(&tokens);
     let max_tokens = match api {
         Api::Completions => optional_u64(&obj, "max_tokens")?,
         Api::Chat => match optional_u64(&obj, "max_completion_tokens")? {
@@ -234,6 +245,7 @@ pub fn parse_request(
     Ok(GenRequest {
         api,
         prompt_tokens,
+        blocks,
         max_tokens,
         stream,
         include_usage,
@@ -441,7 +453,8 @@ mod tests {
             r#"{"messages":[{"role":"system","content":"abcd"},{"role":"user","content":[{"type":"text","text":"efgh"},{"type":"image_url"}]}],"max_completion_tokens":9,"max_tokens":3,"stream":true,"stream_options":{"include_usage":true}}"#,
         )
         .unwrap();
-        assert_eq!(r.prompt_tokens, 2);
+        // "system: abcd\nuser: efgh\n": 24 characters.
+        assert_eq!(r.prompt_tokens, 6);
         assert_eq!(r.max_tokens, Some(9), "max_completion_tokens wins");
         assert!(r.include_usage);
         let r = parse(
@@ -450,6 +463,44 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.max_tokens, Some(3));
+    }
+
+    #[test]
+    fn prompts_are_tokenised_for_the_prefix_cache() {
+        let chat = |msgs: &str| parse(Api::Chat, &format!(r#"{{"messages":{msgs}}}"#)).unwrap();
+        let system = "s".repeat(200);
+        let a = chat(&format!(
+            r#"[{{"role":"system","content":"{system}"}},{{"role":"user","content":"first question"}}]"#
+        ));
+        let b = chat(&format!(
+            r#"[{{"role":"system","content":"{system}"}},{{"role":"user","content":"other question"}}]"#
+        ));
+        // "system: " + 200 + "\n" = 209 characters: 52 whole tokens, 3 full blocks.
+        assert_eq!(a.blocks.len(), 3);
+        assert_eq!(a.blocks, b.blocks);
+        let c = chat(&format!(r#"[{{"role":"user","content":"{system}"}}]"#));
+        assert_ne!(a.blocks[0], c.blocks[0], "roles are part of the prompt");
+        // The count is still ceil(chars / 4).
+        let text = "x".repeat(70);
+        let r = parse(Api::Completions, &format!(r#"{{"prompt":"{text}"}}"#)).unwrap();
+        assert_eq!(r.prompt_tokens, crate::model::estimate_tokens(70));
+        assert_eq!(r.blocks.len(), 1);
+        let split = parse(
+            Api::Completions,
+            &format!(r#"{{"prompt":["{}","{}"]}}"#, &text[..33], &text[33..]),
+        )
+        .unwrap();
+        assert_eq!(split.blocks, r.blocks, "strings are concatenated");
+        // Token ids are tokens.
+        let ids: Vec<String> = (0..40).map(|i| i.to_string()).collect();
+        let r = parse(
+            Api::Completions,
+            &format!(r#"{{"prompt":[{}]}}"#, ids.join(",")),
+        )
+        .unwrap();
+        assert_eq!((r.prompt_tokens, r.blocks.len()), (40, 2));
+        let r = parse(Api::Completions, r#"{"prompt":""}"#).unwrap();
+        assert_eq!((r.prompt_tokens, r.blocks.len()), (1, 0));
     }
 
     #[test]

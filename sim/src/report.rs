@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::load::{LoadConfig, Record};
 use crate::openai::Api;
 use crate::stats::{Summary, TtftSummary};
+use crate::workload::WorkloadKind;
 
 /// Backend key for responses without `x-served-by`.
 pub const NO_BACKEND: &str = "(none)";
@@ -43,6 +44,13 @@ pub struct ConfigJson {
     pub seed: u64,
     pub max_tokens: String,
     pub prompt_tokens: String,
+    pub workload: String,
+    /// Shared-prefix parameters (`null` for the unique workload).
+    pub prefix_groups: Option<u64>,
+    pub system_prompt_tokens: Option<u64>,
+    pub turns: Option<u32>,
+    /// Open loop only.
+    pub conversations: Option<usize>,
     pub headers: Vec<String>,
     pub instances: Option<usize>,
 }
@@ -50,8 +58,15 @@ pub struct ConfigJson {
 impl ConfigJson {
     pub fn of(cfg: &LoadConfig) -> ConfigJson {
         let open = cfg.rate.is_some();
+        let shared = cfg.workload == WorkloadKind::SharedPrefix;
         ConfigJson {
-            url: cfg.target.url.clone(),
+            // Comma-separated when there are several: what --url accepts.
+            url: cfg
+                .targets
+                .iter()
+                .map(|t| t.url.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
             api: match cfg.api {
                 Api::Chat => "chat",
                 Api::Completions => "completions",
@@ -71,6 +86,11 @@ impl ConfigJson {
             seed: cfg.seed,
             max_tokens: cfg.max_tokens.to_string(),
             prompt_tokens: cfg.prompt_tokens.to_string(),
+            workload: cfg.workload.to_string(),
+            prefix_groups: shared.then_some(cfg.prefix_groups),
+            system_prompt_tokens: shared.then_some(cfg.system_prompt_tokens),
+            turns: shared.then_some(cfg.turns),
+            conversations: (shared && open).then_some(cfg.conversations),
             headers: cfg
                 .headers
                 .iter()
@@ -258,6 +278,17 @@ pub fn render_table(r: &Report) -> String {
         "load          {load}; max_tokens {}, prompt_tokens {}, seed {}",
         c.max_tokens, c.prompt_tokens, c.seed
     );
+    if let (Some(g), Some(sp), Some(t)) = (c.prefix_groups, c.system_prompt_tokens, c.turns) {
+        let convs = c
+            .conversations
+            .map(|m| format!(", {m} open conversations"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "workload      {}: {g} system prompts of {sp} tokens, {t} turns per conversation{convs}",
+            c.workload
+        );
+    }
     let _ = writeln!(
         s,
         "window        {:.1} s (warm-up {:.1} s, {} warm-up requests excluded)",

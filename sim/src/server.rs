@@ -36,6 +36,61 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 /// Header naming the instance that served a response.
 pub const SERVED_BY: &str = "x-served-by";
 
+/// Request header asking for an ORCA load report (`text` or `json`).
+pub const LOAD_METRICS_FORMAT: &str = "endpoint-load-metrics-format";
+
+/// Response header carrying the ORCA load report.
+pub const LOAD_METRICS: &str = "endpoint-load-metrics";
+
+/// ORCA load report formats (vLLM's `endpoint-load-metrics-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrcaFormat {
+    Text,
+    Json,
+}
+
+impl OrcaFormat {
+    /// The format a request asks for; unknown values get no report (as in vLLM).
+    pub fn parse(value: &[u8]) -> Option<OrcaFormat> {
+        let v = std::str::from_utf8(value).ok()?.trim();
+        if v.eq_ignore_ascii_case("text") {
+            Some(OrcaFormat::Text)
+        } else if v.eq_ignore_ascii_case("json") {
+            Some(OrcaFormat::Json)
+        } else {
+            None
+        }
+    }
+}
+
+/// A float as Python's `repr` prints it for these values (vLLM's header is
+/// built in Python): never an exponent, always a decimal point.
+fn py_float(v: f64) -> String {
+    let v = if v.is_finite() { v } else { 0.0 };
+    let s = v.to_string();
+    if s.contains('.') {
+        s
+    } else {
+        format!("{s}.0")
+    }
+}
+
+/// The value of `endpoint-load-metrics`, in vLLM's shape:
+/// `TEXT named_metrics.kv_cache_usage_perc=0.25, named_metrics.num_requests_waiting=3.0`
+/// or `JSON {"named_metrics": {"kv_cache_usage_perc": 0.25, "num_requests_waiting": 3.0}}`.
+pub fn orca_report(format: OrcaFormat, kv_cache_usage: f64, waiting: usize) -> String {
+    let kv = py_float(kv_cache_usage);
+    let waiting = py_float(waiting as f64);
+    match format {
+        OrcaFormat::Text => format!(
+            "TEXT named_metrics.kv_cache_usage_perc={kv}, named_metrics.num_requests_waiting={waiting}"
+        ),
+        OrcaFormat::Json => format!(
+            "JSON {{\"named_metrics\": {{\"kv_cache_usage_perc\": {kv}, \"num_requests_waiting\": {waiting}}}}}"
+        ),
+    }
+}
+
 /// Everything `model-server` needs besides its listener.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
@@ -125,45 +180,80 @@ fn escape_label(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
+fn metric<V: std::fmt::Display>(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    lines: &[(String, V)],
+) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, v) in lines {
+        let _ = writeln!(out, "{name}{{{labels}}} {v}");
+    }
+}
+
 impl State {
     fn metrics(&self) -> String {
         let snap = self.engine.snapshot();
         let c = &self.engine.counters;
         let m = escape_label(&self.model);
-        let mut out = String::with_capacity(2048);
-        let mut metric = |name: &str, kind: &str, help: &str, lines: &[(String, u64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            for (labels, v) in lines {
-                let _ = writeln!(out, "{name}{{{labels}}} {v}");
-            }
-        };
+        let mut out = String::with_capacity(4096);
+        let o = &mut out;
         let ml = format!("model_name=\"{m}\"");
+        let count = |a: &AtomicU64| vec![(ml.clone(), a.load(Ordering::Relaxed))];
         metric(
+            o,
             "vllm:num_requests_running",
             "gauge",
             "Number of requests in the batch (prefill or decode).",
             &[(ml.clone(), snap.running as u64)],
         );
         metric(
+            o,
             "vllm:num_requests_waiting",
             "gauge",
             "Number of requests waiting for a batch slot.",
             &[(ml.clone(), snap.waiting as u64)],
         );
         metric(
+            o,
+            "vllm:kv_cache_usage_perc",
+            "gauge",
+            "KV-cache usage. 1 means 100 percent usage.",
+            &[(ml.clone(), self.engine.kv_usage())],
+        );
+        metric(
+            o,
             "vllm:prompt_tokens_total",
             "counter",
             "Number of prefill tokens processed.",
-            &[(ml.clone(), c.prompt_tokens.load(Ordering::Relaxed))],
+            &count(&c.prompt_tokens),
         );
         metric(
+            o,
             "vllm:generation_tokens_total",
             "counter",
             "Number of generation tokens processed.",
-            &[(ml.clone(), c.generation_tokens.load(Ordering::Relaxed))],
+            &count(&c.generation_tokens),
         );
         metric(
+            o,
+            "vllm:prefix_cache_queries_total",
+            "counter",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            &count(&c.prefix_queries),
+        );
+        metric(
+            o,
+            "vllm:prefix_cache_hits_total",
+            "counter",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            &count(&c.prefix_hits),
+        );
+        metric(
+            o,
             "vllm:request_success_total",
             "counter",
             "Count of successfully processed requests.",
@@ -190,28 +280,60 @@ impl State {
                 .collect(),
         };
         metric(
+            o,
             "model_sim_requests_total",
             "counter",
             "HTTP responses by status code.",
             &statuses,
         );
         metric(
+            o,
             "model_sim_num_requests_decoding",
             "gauge",
             "Number of requests in the decode phase (the b in t(b)).",
             &[(ml.clone(), snap.decoding as u64)],
         );
         metric(
+            o,
+            "model_sim_kv_cache_tokens",
+            "gauge",
+            "KV tokens held by running requests (idle cached prefix blocks are free).",
+            &[(ml.clone(), self.engine.kv_tokens())],
+        );
+        metric(
+            o,
+            "model_sim_prefix_cache_tokens",
+            "gauge",
+            "Tokens held in the prefix cache (full 16-token blocks).",
+            &[(ml.clone(), self.engine.cached_tokens())],
+        );
+        metric(
+            o,
+            "model_sim_requests_admitted_total",
+            "counter",
+            "Requests accepted by the engine (not rejected), queued or not.",
+            &count(&c.admitted),
+        );
+        metric(
+            o,
+            "model_sim_requests_queued_total",
+            "counter",
+            "Accepted requests that waited in the queue because every batch slot was busy.",
+            &count(&c.queued),
+        );
+        metric(
+            o,
             "model_sim_requests_aborted_total",
             "counter",
             "Requests abandoned by their client before finishing.",
-            &[(ml.clone(), c.aborted.load(Ordering::Relaxed))],
+            &count(&c.aborted),
         );
         metric(
+            o,
             "model_sim_requests_rejected_total",
             "counter",
             "Requests refused with 429 because the queue was full.",
-            &[(ml, c.rejected.load(Ordering::Relaxed))],
+            &count(&c.rejected),
         );
         out
     }
@@ -239,7 +361,7 @@ async fn handle(
 async fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<RespBody> {
     let path = req.uri().path().to_string();
     let allowed = match path.as_str() {
-        "/health" | "/metrics" | "/v1/models" => Method::GET,
+        "/health" | "/metrics" | "/v1/models" | "/load" => Method::GET,
         "/v1/completions" | "/v1/chat/completions" => Method::POST,
         _ => {
             return json_response(
@@ -267,6 +389,14 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<RespBody>
     }
     match path.as_str() {
         "/health" => json_response(StatusCode::OK, &json!({"status": "ok"})),
+        "/load" => {
+            // vLLM's --enable-server-load-tracking: requests inside the server.
+            let snap = state.engine.snapshot();
+            json_response(
+                StatusCode::OK,
+                &json!({"server_load": snap.running + snap.waiting}),
+            )
+        }
         "/metrics" => {
             let mut r = Response::new(full(state.metrics()));
             r.headers_mut().insert(
@@ -291,6 +421,10 @@ async fn completion(state: &Arc<State>, api: Api, req: Request<Incoming>) -> Res
             &format!("Request body exceeds {MAX_BODY_BYTES} bytes"),
         )
     };
+    let orca = req
+        .headers()
+        .get(LOAD_METRICS_FORMAT)
+        .and_then(|v| OrcaFormat::parse(v.as_bytes()));
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
@@ -342,16 +476,29 @@ async fn completion(state: &Arc<State>, api: Api, req: Request<Incoming>) -> Res
     let job = Job {
         prompt_tokens: gen.prompt_tokens,
         max_tokens: gen.max_tokens,
+        blocks: gen.blocks,
     };
 
     if !gen.stream {
-        return match ticket.run(job, |_, _| true).await {
-            Some(fin) => json_response(
-                StatusCode::OK,
-                &full_response(api, &id, created, &model, fin.usage, fin.finish_reason),
-            ),
-            None => error_response(StatusCode::INTERNAL_SERVER_ERROR, "Generation aborted"),
+        let Some(fin) = ticket.run(job, |_, _| true).await else {
+            return error_response(StatusCode::INTERNAL_SERVER_ERROR, "Generation aborted");
         };
+        let mut r = json_response(
+            StatusCode::OK,
+            &full_response(api, &id, created, &model, fin.usage, fin.finish_reason),
+        );
+        // Like vLLM: a report on complete responses only, sampled as they finish.
+        if let Some(format) = orca {
+            let report = orca_report(
+                format,
+                state.engine.kv_usage(),
+                state.engine.snapshot().waiting,
+            );
+            if let Ok(v) = HeaderValue::from_str(&report) {
+                r.headers_mut().insert(LOAD_METRICS, v);
+            }
+        }
+        return r;
     }
 
     let fmt = ChunkFormatter::new(api, &id, created, &model);
@@ -481,5 +628,42 @@ impl Drop for RunningServer {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orca_formats() {
+        assert_eq!(OrcaFormat::parse(b"text"), Some(OrcaFormat::Text));
+        assert_eq!(OrcaFormat::parse(b" TEXT "), Some(OrcaFormat::Text));
+        assert_eq!(OrcaFormat::parse(b"Json"), Some(OrcaFormat::Json));
+        assert_eq!(OrcaFormat::parse(b"bin"), None);
+        assert_eq!(OrcaFormat::parse(b""), None);
+        assert_eq!(OrcaFormat::parse(b"\xff"), None);
+    }
+
+    #[test]
+    fn orca_reports_look_like_vllm() {
+        assert_eq!(
+            orca_report(OrcaFormat::Text, 0.25, 3),
+            "TEXT named_metrics.kv_cache_usage_perc=0.25, named_metrics.num_requests_waiting=3.0"
+        );
+        assert_eq!(
+            orca_report(OrcaFormat::Text, 0.0, 0),
+            "TEXT named_metrics.kv_cache_usage_perc=0.0, named_metrics.num_requests_waiting=0.0"
+        );
+        let json = orca_report(OrcaFormat::Json, 0.000001, 12);
+        assert_eq!(
+            json,
+            r#"JSON {"named_metrics": {"kv_cache_usage_perc": 0.000001, "num_requests_waiting": 12.0}}"#
+        );
+        let v: Value = serde_json::from_str(json.strip_prefix("JSON ").unwrap()).unwrap();
+        assert_eq!(v["named_metrics"]["num_requests_waiting"], 12.0);
+        assert!(HeaderValue::from_str(&json).is_ok());
+        assert_eq!(py_float(f64::NAN), "0.0");
+        assert_eq!(py_float(1.0), "1.0");
     }
 }

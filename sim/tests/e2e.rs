@@ -19,7 +19,9 @@ use serde_json::Value;
 use model_sim::engine::EngineConfig;
 use model_sim::load::{run, LoadConfig, SseParser, Target};
 use model_sim::model::TimingModel;
+use model_sim::openai::Api;
 use model_sim::server::{RunningServer, ServerConfig};
+use model_sim::workload::WorkloadKind;
 
 fn fast_engine(max_batch: usize, time_scale: f64) -> EngineConfig {
     EngineConfig {
@@ -54,6 +56,7 @@ struct Resp {
     status: u16,
     served_by: Option<String>,
     content_type: Option<String>,
+    headers: hyper::HeaderMap,
     body: Bytes,
 }
 
@@ -64,14 +67,26 @@ impl Resp {
 }
 
 async fn call(addr: SocketAddr, method: &str, path: &str, body: &str) -> Resp {
+    call_with(addr, method, path, body, &[]).await
+}
+
+async fn call_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> Resp {
     let mut c = client(addr).await;
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(method)
         .uri(path)
         .header("host", addr.to_string())
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(Bytes::from(body.to_string()))).unwrap();
     let resp = c.send_request(req).await.unwrap();
     let status = resp.status().as_u16();
     let header = |n: &str| {
@@ -81,16 +96,22 @@ async fn call(addr: SocketAddr, method: &str, path: &str, body: &str) -> Resp {
     };
     let served_by = header("x-served-by");
     let content_type = header("content-type");
+    let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     Resp {
         status,
         served_by,
         content_type,
+        headers,
         body,
     }
 }
 
 async fn metric(addr: SocketAddr, name: &str) -> u64 {
+    metric_as(addr, name).await
+}
+
+async fn metric_as<T: std::str::FromStr>(addr: SocketAddr, name: &str) -> T {
     let r = call(addr, "GET", "/metrics", "").await;
     let text = String::from_utf8(r.body.to_vec()).unwrap();
     text.lines()
@@ -279,6 +300,14 @@ async fn third_request_queues_and_disconnect_frees_slots() {
             && metric(addr, "model_sim_num_requests_decoding").await == 2
     })
     .await;
+    let load = call(addr, "GET", "/load", "").await;
+    assert_eq!(load.status, 200);
+    assert_eq!(load.json()["server_load"], 3);
+    assert_eq!(metric(addr, "model_sim_requests_admitted_total").await, 3);
+    assert_eq!(metric(addr, "model_sim_requests_queued_total").await, 1);
+    // Two prompts of 1 token and 2000 generated so far at most: some KV in use.
+    let kv: f64 = metric_as(addr, "vllm:kv_cache_usage_perc").await;
+    assert!(kv > 0.0 && kv < 0.1, "{kv}");
     drop(streams);
     eventually("slots freed", || async move {
         metric(addr, "vllm:num_requests_running").await == 0
@@ -286,6 +315,11 @@ async fn third_request_queues_and_disconnect_frees_slots() {
             && metric(addr, "model_sim_requests_aborted_total").await == 3
     })
     .await;
+    assert_eq!(
+        call(addr, "GET", "/load", "").await.json()["server_load"],
+        0
+    );
+    assert_eq!(call(addr, "POST", "/load", "").await.status, 405);
     s.stop().await.unwrap();
 }
 
@@ -339,9 +373,97 @@ async fn full_queue_gets_429_and_faults_are_injected() {
     s.stop().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orca_load_reports_on_non_streaming_responses() {
+    let s = start(ServerConfig {
+        engine: fast_engine(8, 0.001),
+        ..ServerConfig::default()
+    })
+    .await;
+    let body = r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#;
+    let path = "/v1/chat/completions";
+    let r = call_with(
+        s.addr,
+        "POST",
+        path,
+        body,
+        &[("endpoint-load-metrics-format", "text")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let v = r.headers["endpoint-load-metrics"].to_str().unwrap();
+    let rest = v.strip_prefix("TEXT ").unwrap_or_else(|| panic!("{v}"));
+    let pairs: Vec<(&str, f64)> = rest
+        .split(", ")
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap();
+            (k, v.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(pairs[0].0, "named_metrics.kv_cache_usage_perc");
+    assert!((0.0..=1.0).contains(&pairs[0].1));
+    assert_eq!(pairs[1], ("named_metrics.num_requests_waiting", 0.0));
+    assert!(v.ends_with("num_requests_waiting=0.0"), "{v}");
+
+    let r = call_with(
+        s.addr,
+        "POST",
+        "/v1/completions",
+        r#"{"prompt":"hi","max_tokens":3}"#,
+        &[("endpoint-load-metrics-format", "JSON")],
+    )
+    .await;
+    let v = r.headers["endpoint-load-metrics"].to_str().unwrap();
+    let j: Value = serde_json::from_str(v.strip_prefix("JSON ").unwrap()).unwrap();
+    assert!(j["named_metrics"]["kv_cache_usage_perc"].is_f64());
+    assert_eq!(j["named_metrics"]["num_requests_waiting"], 0.0);
+
+    // Streams, requests without the header and unknown formats get none.
+    let stream = r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":3,"stream":true}"#;
+    for (body, headers) in [
+        (stream, &[("endpoint-load-metrics-format", "text")][..]),
+        (body, &[][..]),
+        (body, &[("endpoint-load-metrics-format", "bin")][..]),
+    ] {
+        let r = call_with(s.addr, "POST", path, body, headers).await;
+        assert_eq!(r.status, 200);
+        assert!(r.headers.get("endpoint-load-metrics").is_none(), "{body}");
+    }
+    s.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_system_prompts_hit_the_prefix_cache() {
+    let s = start(ServerConfig {
+        engine: fast_engine(8, 0.001),
+        ..ServerConfig::default()
+    })
+    .await;
+    let system = "You are a helpful simulated assistant. ".repeat(20);
+    for q in ["first question", "second question"] {
+        let body = serde_json::json!({
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": q}],
+            "max_tokens": 2,
+        });
+        let r = call(s.addr, "POST", "/v1/chat/completions", &body.to_string()).await;
+        assert_eq!(r.status, 200);
+    }
+    // The prompts share "system: " + 780 + "\nuser: " = 795 characters: 12 full blocks.
+    let queries = metric(s.addr, "vllm:prefix_cache_queries_total").await;
+    let hits = metric(s.addr, "vllm:prefix_cache_hits_total").await;
+    assert_eq!(hits, 12 * 16, "queries {queries}");
+    assert!(queries > 2 * 197);
+    assert!(metric(s.addr, "model_sim_prefix_cache_tokens").await >= 12 * 16);
+    // Idle: cached blocks no running request references are free, as in vLLM.
+    let kv: f64 = metric_as(s.addr, "vllm:kv_cache_usage_perc").await;
+    assert_eq!(kv, 0.0, "idle cached blocks are not in use");
+    assert_eq!(metric(s.addr, "model_sim_kv_cache_tokens").await, 0);
+    s.stop().await.unwrap();
+}
+
 fn load_cfg(url: &str) -> LoadConfig {
     LoadConfig {
-        target: Target::parse(url).unwrap(),
+        targets: vec![Target::parse(url).unwrap()],
         users: 8,
         stream: true,
         duration: Some(Duration::from_millis(1000)),
@@ -393,7 +515,7 @@ async fn load_run_against_server_has_no_errors() {
     // Non-stream, completions API, fixed request count, fixed output length.
     let cfg = LoadConfig {
         stream: false,
-        api: model_sim::openai::Api::Completions,
+        api: Api::Completions,
         duration: None,
         requests: Some(20),
         max_tokens: "fixed:5".parse().unwrap(),
@@ -484,6 +606,89 @@ async fn open_loop_and_warmup() {
     assert_eq!(r.config.mode, "open");
     assert!((r.duration_s - 0.5).abs() < 1e-9);
     s.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_urls_and_workloads() {
+    let server = |id: &str| {
+        start(ServerConfig {
+            id: Some(id.into()),
+            engine: fast_engine(8, 0.01),
+            ..ServerConfig::default()
+        })
+    };
+    let (a, b) = (server("a").await, server("b").await);
+    let shared = LoadConfig {
+        targets: vec![
+            Target::parse(&a.url()).unwrap(),
+            Target::parse(&b.url()).unwrap(),
+        ],
+        users: 4,
+        duration: None,
+        requests: Some(40),
+        workload: WorkloadKind::SharedPrefix,
+        prefix_groups: 2,
+        system_prompt_tokens: 200,
+        turns: 3,
+        prompt_tokens: "fixed:20".parse().unwrap(),
+        max_tokens: "fixed:5".parse().unwrap(),
+        ..load_cfg(&a.url())
+    };
+    // Closed loop: users 0 and 2 on a, 1 and 3 on b.
+    let out = run(shared.clone()).await.unwrap();
+    let r = &out.report;
+    assert_eq!(out.total_errors, 0, "{:?}", r.errors);
+    assert_eq!(r.backends.values().sum::<u64>(), 40);
+    assert!(
+        r.backends["a"] >= 10 && r.backends["b"] >= 10,
+        "{:?}",
+        r.backends
+    );
+    assert_eq!(r.config.url, format!("{},{}", a.url(), b.url()));
+    assert_eq!(r.config.workload, "shared-prefix");
+    assert!(
+        out.records.iter().any(|x| x.prompt_tokens > 225),
+        "histories grow"
+    );
+    for s in [&a, &b] {
+        assert!(metric(s.addr, "vllm:prefix_cache_hits_total").await > 0);
+    }
+    // Open loop: each arrival picks a URL.
+    let cfg = LoadConfig {
+        rate: Some(200.0),
+        requests: None,
+        duration: Some(Duration::from_millis(400)),
+        conversations: 8,
+        ..shared
+    };
+    let out = run(cfg).await.unwrap();
+    let r = &out.report;
+    assert_eq!(out.total_errors, 0, "{:?}", r.errors);
+    assert_eq!(r.backends.len(), 2, "{:?}", r.backends);
+    assert_eq!(r.config.conversations, Some(8));
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+
+    // Unique prompts never hit, even when a run repeats.
+    let c = server("c").await;
+    for api in [Api::Chat, Api::Completions] {
+        for _ in 0..2 {
+            let cfg = LoadConfig {
+                api,
+                users: 4,
+                duration: None,
+                requests: Some(20),
+                prompt_tokens: "fixed:100".parse().unwrap(),
+                max_tokens: "fixed:2".parse().unwrap(),
+                ..load_cfg(&c.url())
+            };
+            let out = run(cfg).await.unwrap();
+            assert_eq!(out.total_errors, 0);
+        }
+    }
+    assert!(metric(c.addr, "vllm:prefix_cache_queries_total").await >= 80 * 100);
+    assert_eq!(metric(c.addr, "vllm:prefix_cache_hits_total").await, 0);
+    c.stop().await.unwrap();
 }
 
 /// A one-shot-per-connection HTTP server that records request heads and
