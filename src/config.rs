@@ -10,6 +10,10 @@ use serde_json::{Map, Value};
 
 use crate::health::PassivePolicy;
 use crate::outcome::DEFAULT_MAX_BLAMED_BODY_BYTES;
+use crate::prefix::{
+    DEFAULT_CONCURRENCY_THRESHOLD, DEFAULT_PREFIX_LENGTH, MAX_CONCURRENCY_THRESHOLD,
+    MAX_PREFIX_LENGTH, MIN_PREFIX_LENGTH,
+};
 use crate::select::Strategy;
 use crate::server_load::{
     LoadSource, ServerLoad, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_POLLS_PER_SECOND,
@@ -68,7 +72,10 @@ const FIELDS: &[&str] = &[
     "watch_cluster",
     "follow_membership",
     "server_load",
+    "prefix_aware",
 ];
+
+const PREFIX_AWARE_FIELDS: &[&str] = &["prefix_length", "concurrency_threshold"];
 
 const SERVER_LOAD_FIELDS: &[&str] = &[
     "source",
@@ -100,6 +107,17 @@ pub struct Config {
     pub admin: Option<AdminPoll>,
     /// The servers' own load reports; `None` without `server_load`.
     pub server_load: Option<ServerLoad>,
+    /// `PREFIX_AWARE`'s parameters; `Some` exactly when that is the strategy.
+    pub prefix_aware: Option<PrefixAware>,
+}
+
+/// SageMaker's `PrefixAwareRoutingConfig`, same names, ranges and meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefixAware {
+    /// Characters of the conversation (or prompt, or bytes of a raw body) that form the key.
+    pub prefix_length: usize,
+    /// Requests in flight at which an endpoint no longer takes its keys.
+    pub concurrency_threshold: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,6 +164,48 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+/// What a plugin configuration sets up: the filter itself, or the small companion that holds a
+/// `PREFIX_AWARE` request's headers until the filter has read the prompt from the body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plugin {
+    Router(Box<Config>),
+    /// `{"role": "hold"}`.
+    Hold,
+}
+
+/// The configuration of the hold filter, exactly.
+pub const HOLD_CONFIGURATION: &str = r#"{"role": "hold"}"#;
+
+pub fn parse_plugin(bytes: Option<&[u8]>) -> Result<Plugin, ConfigError> {
+    let role = bytes
+        .and_then(|b| serde_json::from_slice::<Value>(b).ok())
+        .and_then(|v| v.get("role").cloned());
+    match role {
+        None => parse(bytes).map(|c| Plugin::Router(Box::new(c))),
+        Some(Value::String(role)) if role == "hold" => {
+            let fields = bytes
+                .and_then(|b| serde_json::from_slice::<Map<String, Value>>(b).ok())
+                .map_or(0, |m| m.len());
+            if fields == 1 {
+                Ok(Plugin::Hold)
+            } else {
+                Err(ConfigError::field(
+                    "role",
+                    format!("the hold filter takes no other field; use {HOLD_CONFIGURATION}"),
+                ))
+            }
+        }
+        Some(other) => Err(ConfigError::field(
+            "role",
+            format!(
+                "unknown role {}; the only role is \"hold\" ({HOLD_CONFIGURATION}), for the \
+                 filter that holds PREFIX_AWARE requests; the main filter has no role field",
+                truncate(&other.to_string(), 40)
+            ),
+        )),
+    }
+}
 
 /// Parses the plugin configuration bytes Envoy hands to `on_configure`.
 pub fn parse(bytes: Option<&[u8]>) -> Result<Config, ConfigError> {
@@ -350,6 +410,17 @@ fn from_object(object: &Map<String, Value>) -> Result<Config, ConfigError> {
         }
     };
 
+    let prefix_aware = match (strategy, object.get("prefix_aware")) {
+        (Strategy::PrefixAware, value) => Some(prefix_aware_field(value)?),
+        (_, None) => None,
+        (_, Some(_)) => {
+            return Err(ConfigError::field(
+                "prefix_aware",
+                "has no effect unless \"routing_strategy\" is \"PREFIX_AWARE\"",
+            ))
+        }
+    };
+
     Ok(Config {
         strategy,
         endpoints,
@@ -361,6 +432,57 @@ fn from_object(object: &Map<String, Value>) -> Result<Config, ConfigError> {
         passive,
         admin,
         server_load,
+        prefix_aware,
+    })
+}
+
+fn prefix_aware_field(value: Option<&Value>) -> Result<PrefixAware, ConfigError> {
+    const PREFIX: &str = "prefix_aware";
+    let empty = Map::new();
+    let object = match value {
+        None => &empty,
+        Some(Value::Object(object)) => object,
+        Some(other) => {
+            return Err(ConfigError::field(
+                PREFIX,
+                format!(
+                    "expected an object such as {{\"prefix_length\": 4096, \
+                     \"concurrency_threshold\": 8}}, got {}",
+                    type_name(other)
+                ),
+            ))
+        }
+    };
+    if let Some(unknown) = object
+        .keys()
+        .find(|k| !PREFIX_AWARE_FIELDS.contains(&k.as_str()))
+    {
+        return Err(ConfigError::field(
+            format!("{PREFIX}.{}", truncate(unknown, 80)),
+            unknown_field_message(unknown, PREFIX_AWARE_FIELDS),
+        ));
+    }
+    let prefix_length = match object.get("prefix_length") {
+        None => DEFAULT_PREFIX_LENGTH,
+        Some(value) => integer_field(
+            "prefix_aware.prefix_length",
+            value,
+            MIN_PREFIX_LENGTH as u64,
+            MAX_PREFIX_LENGTH as u64,
+        )? as usize,
+    };
+    let concurrency_threshold = match object.get("concurrency_threshold") {
+        None => DEFAULT_CONCURRENCY_THRESHOLD,
+        Some(value) => integer_field(
+            "prefix_aware.concurrency_threshold",
+            value,
+            1,
+            u64::from(MAX_CONCURRENCY_THRESHOLD),
+        )? as u32,
+    };
+    Ok(PrefixAware {
+        prefix_length,
+        concurrency_threshold,
     })
 }
 
@@ -769,6 +891,78 @@ mod tests {
         );
         assert_eq!(config.admin, None);
         assert_eq!(config.server_load, None);
+        assert_eq!(config.prefix_aware, None);
+    }
+
+    #[test]
+    fn the_hold_filter_has_one_configuration() {
+        assert_eq!(parse_plugin(Some(br#"{"role": "hold"}"#)), Ok(Plugin::Hold));
+        assert!(matches!(
+            parse_plugin(Some(br#"{"endpoints": ["1.1.1.1:1"]}"#)),
+            Ok(Plugin::Router(_))
+        ));
+        for bad in [
+            r#"{"role": "gate"}"#,
+            r#"{"role": "hold", "endpoints": []}"#,
+            r#"{"role": 1}"#,
+        ] {
+            let err = parse_plugin(Some(bad.as_bytes())).unwrap_err();
+            assert_eq!(err.field.as_deref(), Some("role"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn prefix_aware_takes_sagemakers_parameters_and_ranges() {
+        let config =
+            parse_str(r#"{"endpoints": ["10.0.0.1:80"], "routing_strategy": "PREFIX_AWARE"}"#)
+                .unwrap();
+        assert_eq!(config.strategy, Strategy::PrefixAware);
+        assert_eq!(
+            config.prefix_aware,
+            Some(PrefixAware {
+                prefix_length: 4_096,
+                concurrency_threshold: 8
+            })
+        );
+        let config = parse_str(
+            r#"{"endpoints": ["10.0.0.1:80"], "routing_strategy": "PREFIX_AWARE",
+                "prefix_aware": {"prefix_length": 65536, "concurrency_threshold": 1024}}"#,
+        )
+        .unwrap();
+        assert_eq!(config.prefix_aware.unwrap().prefix_length, 65_536);
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                r#""routing_strategy": "PREFIX_AWARE", "prefix_aware": {"prefix_length": 1023}"#,
+                "prefix_aware.prefix_length",
+                "integer from 1024 to 65536",
+            ),
+            (
+                r#""routing_strategy": "PREFIX_AWARE", "prefix_aware": {"concurrency_threshold": 0}"#,
+                "prefix_aware.concurrency_threshold",
+                "integer from 1 to 1024",
+            ),
+            (
+                r#""routing_strategy": "PREFIX_AWARE", "prefix_aware": {"PrefixLength": 2048}"#,
+                "prefix_aware.PrefixLength",
+                "did you mean \"prefix_length\"",
+            ),
+            (
+                r#""routing_strategy": "PREFIX_AWARE", "prefix_aware": 4096"#,
+                "prefix_aware",
+                "expected an object",
+            ),
+            (
+                r#""prefix_aware": {"prefix_length": 2048}"#,
+                "prefix_aware",
+                "has no effect unless",
+            ),
+        ];
+        for (fields, field, hint) in cases {
+            let text = format!(r#"{{"endpoints": ["1.1.1.1:1"], {fields}}}"#);
+            let err = error_of(&text);
+            assert_eq!(err.field.as_deref(), Some(*field), "{text}: {err}");
+            assert!(err.to_string().contains(hint), "{text}: {err} lacks {hint}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod config;
 pub mod health;
 pub mod membership;
 pub mod outcome;
+pub mod prefix;
 pub mod rng;
 pub mod select;
 pub mod server_load;

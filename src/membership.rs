@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
+use crate::prefix::endpoint_hash;
 use crate::select::Selection;
 
 const MAGIC: &str = "MLBM1";
@@ -15,6 +16,9 @@ pub struct Membership {
     token: u64,
     endpoints: Vec<String>,
     positions: HashMap<String, usize>,
+    /// Each address's stable hash, for PREFIX_AWARE's rendezvous order; computed once here so
+    /// the request path only mixes it with the key.
+    hashes: Vec<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,11 +37,17 @@ impl Membership {
             .enumerate()
             .map(|(i, e)| (e.clone(), i))
             .collect();
+        let hashes = endpoints.iter().map(|e| endpoint_hash(e)).collect();
         Self {
             token,
             endpoints,
             positions,
+            hashes,
         }
+    }
+
+    pub fn hashes(&self) -> &[u64] {
+        &self.hashes
     }
 
     /// The shared-data key holding the membership `token` names.

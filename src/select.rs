@@ -11,15 +11,19 @@ pub enum Strategy {
     LeastOutstandingRequests,
     /// SageMaker's `RANDOM`: uniform over the eligible endpoints.
     Random,
+    /// SageMaker's `PREFIX_AWARE`: requests sharing a prompt prefix go to the same endpoint
+    /// while it has room (see [`prefix_aware`]).
+    PrefixAware,
 }
 
 impl Strategy {
-    pub const NAMES: [&'static str; 2] = ["LEAST_OUTSTANDING_REQUESTS", "RANDOM"];
+    pub const NAMES: [&'static str; 3] = ["LEAST_OUTSTANDING_REQUESTS", "RANDOM", "PREFIX_AWARE"];
 
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "LEAST_OUTSTANDING_REQUESTS" => Some(Self::LeastOutstandingRequests),
             "RANDOM" => Some(Self::Random),
+            "PREFIX_AWARE" => Some(Self::PrefixAware),
             _ => None,
         }
     }
@@ -28,6 +32,7 @@ impl Strategy {
         match self {
             Self::LeastOutstandingRequests => Self::NAMES[0],
             Self::Random => Self::NAMES[1],
+            Self::PrefixAware => Self::NAMES[2],
         }
     }
 
@@ -36,9 +41,39 @@ impl Strategy {
         match self {
             Self::LeastOutstandingRequests => "least_outstanding_requests",
             Self::Random => "random",
+            Self::PrefixAware => "prefix_aware",
         }
     }
 }
+
+/// How a request's endpoints are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Choice {
+    LeastOutstandingRequests,
+    Random,
+    /// By the rendezvous order of the prompt-prefix key `key`, while an endpoint has fewer
+    /// than `threshold` requests in flight.
+    Prefix {
+        key: u64,
+        threshold: u32,
+    },
+}
+
+/// Where a prefix-routed request went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefixChoice {
+    /// The key's own endpoint (first in its rendezvous order).
+    Preferred,
+    /// A later endpoint of the key's order: the ones before it were at the threshold.
+    Spilled,
+    /// Every endpoint of the walk was at the threshold: least outstanding requests decided.
+    AllBusy,
+}
+
+/// How many endpoints of a key's rendezvous order are tried before least outstanding requests
+/// decides: enough to absorb a burst on one prefix, few enough that a hot prefix cannot pile
+/// onto a chain of busy servers.
+pub const PREFIX_WALK: usize = 3;
 
 /// In-flight request counts, indexed like the pool's endpoints. Implemented by the shared table
 /// directly so selection reads the bytes it was handed without decoding them first.
@@ -115,8 +150,77 @@ impl Selection {
     }
 }
 
+/// `PREFIX_AWARE`: the eligible endpoints in the key's rendezvous order (highest score of
+/// `score(key, endpoint hash)` first, so every worker and every replica computes the same order
+/// without sharing anything, and an endpoint joining or leaving moves only its own keys). The
+/// first of the first [`PREFIX_WALK`] with fewer than `threshold` requests in flight is chosen;
+/// the rest of the order follows as fallbacks. When all of them are at the threshold, least
+/// outstanding requests decides.
+pub fn prefix_aware<L, E, R>(
+    loads: &L,
+    eligible: E,
+    key: u64,
+    hashes: &[u64],
+    threshold: u32,
+    fallbacks: usize,
+    rng: &mut R,
+) -> (Selection, Option<PrefixChoice>)
+where
+    L: Loads + ?Sized,
+    E: Fn(usize) -> bool,
+    R: RandomSource,
+{
+    let want = (fallbacks + 1).min(MAX_SELECTION);
+    let walk = PREFIX_WALK.max(want).min(MAX_SELECTION);
+    // The `walk` highest scores, best first, in one pass.
+    let mut order = [(0u64, 0u16); MAX_SELECTION];
+    let mut kept = 0usize;
+    for (endpoint, &hash) in hashes.iter().enumerate().take(loads.endpoint_count()) {
+        if !eligible(endpoint) {
+            continue;
+        }
+        let score = crate::prefix::score(key, hash);
+        if kept == walk && score <= order[walk - 1].0 {
+            continue;
+        }
+        let mut slot = kept.min(walk - 1);
+        while slot > 0 && order[slot - 1].0 < score {
+            order[slot] = order[slot - 1];
+            slot -= 1;
+        }
+        order[slot] = (score, endpoint as u16);
+        kept = (kept + 1).min(walk);
+    }
+    let order = &order[..kept];
+    let Some(position) = order
+        .iter()
+        .take(PREFIX_WALK)
+        .position(|&(_, e)| loads.load(usize::from(e)) < threshold)
+    else {
+        if order.is_empty() {
+            return (Selection::EMPTY, None);
+        }
+        let selection = least_loaded(loads, eligible, want, rng);
+        return (selection, Some(PrefixChoice::AllBusy));
+    };
+    let mut selection = Selection::EMPTY;
+    selection.push(usize::from(order[position].1));
+    for (i, &(_, e)) in order.iter().enumerate() {
+        if i != position && usize::from(selection.len) < want {
+            selection.push(usize::from(e));
+        }
+    }
+    let choice = if position == 0 {
+        PrefixChoice::Preferred
+    } else {
+        PrefixChoice::Spilled
+    };
+    (selection, Some(choice))
+}
+
 /// Picks `1 + fallbacks` distinct eligible endpoints (fewer if the pool is smaller). An empty
-/// selection means no endpoint is eligible.
+/// selection means no endpoint is eligible. `PREFIX_AWARE` without a key picks like
+/// least outstanding requests.
 pub fn select<L, E, R>(
     strategy: Strategy,
     loads: &L,
@@ -131,7 +235,9 @@ where
 {
     let want = (fallbacks + 1).min(MAX_SELECTION);
     match strategy {
-        Strategy::LeastOutstandingRequests => least_loaded(loads, eligible, want, rng),
+        Strategy::LeastOutstandingRequests | Strategy::PrefixAware => {
+            least_loaded(loads, eligible, want, rng)
+        }
         Strategy::Random => uniform(loads.endpoint_count(), eligible, want, rng),
     }
 }
@@ -238,6 +344,7 @@ mod tests {
     fn strategy_names_round_trip() {
         for name in Strategy::NAMES {
             assert_eq!(Strategy::from_name(name).unwrap().name(), name);
+            assert!(!Strategy::from_name(name).unwrap().stat_name().is_empty());
         }
         assert_eq!(Strategy::from_name("least_outstanding_requests"), None);
     }
@@ -353,6 +460,88 @@ mod tests {
         assert!((1_700..2_300).contains(&hits[0]), "{hits:?}");
         let s = select(Strategy::Random, &loads[..], |_| false, 4, &mut rng);
         assert!(s.is_empty());
+    }
+
+    fn hashes(n: usize) -> Vec<u64> {
+        (0..n)
+            .map(|i| crate::prefix::endpoint_hash(&format!("10.0.0.{i}:8000")))
+            .collect()
+    }
+
+    fn by_prefix(loads: &[u32], key: u64, threshold: u32) -> (Vec<u16>, Option<PrefixChoice>) {
+        let mut rng = SplitMix64::new(key);
+        let (selection, choice) = prefix_aware(
+            loads,
+            all,
+            key,
+            &hashes(loads.len()),
+            threshold,
+            2,
+            &mut rng,
+        );
+        (selection.as_slice().to_vec(), choice)
+    }
+
+    #[test]
+    fn a_key_always_goes_to_its_endpoint_while_it_has_room() {
+        let idle = [0u32; 8];
+        for key in 0..50u64 {
+            let (first, choice) = by_prefix(&idle, key, 4);
+            assert_eq!(choice, Some(PrefixChoice::Preferred));
+            assert_eq!(first.len(), 3);
+            for _ in 0..5 {
+                assert_eq!(by_prefix(&idle, key, 4).0, first, "same key, same order");
+            }
+            // Load below the threshold does not move it: affinity beats balance.
+            let mut loads = idle;
+            loads[usize::from(first[0])] = 3;
+            assert_eq!(by_prefix(&loads, key, 4).0[0], first[0]);
+        }
+    }
+
+    #[test]
+    fn a_busy_endpoint_spills_at_exactly_the_threshold_to_the_next_in_the_keys_order() {
+        let key = 42;
+        let (order, _) = by_prefix(&[0; 8], key, 4);
+        let mut loads = [0u32; 8];
+        loads[usize::from(order[0])] = 4;
+        let (spilled, choice) = by_prefix(&loads, key, 4);
+        assert_eq!(choice, Some(PrefixChoice::Spilled));
+        assert_eq!(spilled[0], order[1]);
+        assert_eq!(spilled[1], order[0], "the fallbacks keep the key's order");
+        // Every endpoint of the walk busy: least outstanding requests decides.
+        for &e in &order {
+            loads[usize::from(e)] = 9;
+        }
+        let (busy, choice) = by_prefix(&loads, key, 4);
+        assert_eq!(choice, Some(PrefixChoice::AllBusy));
+        assert!(
+            !order.contains(&busy[0]),
+            "an idle endpoint outside the walk"
+        );
+        assert_eq!(loads[usize::from(busy[0])], 0);
+    }
+
+    #[test]
+    fn prefix_routing_skips_ineligible_endpoints_and_handles_an_empty_pool() {
+        let key = 7;
+        let (order, _) = by_prefix(&[0; 5], key, 4);
+        let mut rng = SplitMix64::new(1);
+        let skip = usize::from(order[0]);
+        let (selection, _) = prefix_aware(
+            &[0u32; 5][..],
+            |e| e != skip,
+            key,
+            &hashes(5),
+            4,
+            2,
+            &mut rng,
+        );
+        assert_eq!(selection.chosen(), Some(usize::from(order[1])));
+        let (selection, choice) =
+            prefix_aware(&[0u32; 5][..], |_| false, key, &hashes(5), 4, 2, &mut rng);
+        assert!(selection.is_empty());
+        assert_eq!(choice, None);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::config::MAX_ENDPOINTS;
 use crate::health::{Change, Outcome, PassivePolicy};
 use crate::membership::{MalformedMembership, Membership};
 use crate::rng::{RandomSource, SplitMix64};
-use crate::select::{select, Selection, Strategy};
+use crate::select::{prefix_aware, select, Choice, PrefixChoice, Selection, Strategy};
 use crate::server_load::{Estimates, LoadView};
 use crate::store::{SharedStore, StoreError};
 use crate::table::{Decrement, Reaped, Table, TableError};
@@ -116,6 +116,8 @@ pub struct Routed {
     pub membership: Rc<Membership>,
     /// Total in flight on the chosen endpoint, this request included.
     pub chosen_load: u32,
+    /// For a prefix-routed request: whether it went to its key's endpoint.
+    pub prefix: Option<PrefixChoice>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -536,6 +538,27 @@ impl PoolTracker {
         S: SharedStore,
         R: RandomSource,
     {
+        let choice = match strategy {
+            Strategy::Random => Choice::Random,
+            Strategy::LeastOutstandingRequests | Strategy::PrefixAware => {
+                Choice::LeastOutstandingRequests
+            }
+        };
+        self.route_with(store, choice, fallbacks, rng)
+    }
+
+    /// [`Self::route`] with the choice spelled out (a prefix key, when the body gave one).
+    pub fn route_with<S, R>(
+        &mut self,
+        store: &S,
+        choice: Choice,
+        fallbacks: usize,
+        rng: &mut R,
+    ) -> Result<Routed, TrackerError>
+    where
+        S: SharedStore,
+        R: RandomSource,
+    {
         for attempt in 0..ROUTE_ATTEMPTS {
             let (mut table, cas) = self.read(store)?;
             let claim = match self.claim {
@@ -555,13 +578,32 @@ impl PoolTracker {
                 now_ms,
                 stale_after_ms: self.stale_after_ms,
             };
-            let selection = select(
-                strategy,
-                &estimates,
-                |e| wanted[e] && table.eligible(e, now_ms),
-                fallbacks,
-                rng,
-            );
+            let eligible = |e: usize| wanted[e] && table.eligible(e, now_ms);
+            let (selection, prefix) = match choice {
+                Choice::LeastOutstandingRequests => (
+                    select(
+                        Strategy::LeastOutstandingRequests,
+                        &estimates,
+                        eligible,
+                        fallbacks,
+                        rng,
+                    ),
+                    None,
+                ),
+                Choice::Random => (
+                    select(Strategy::Random, &estimates, eligible, fallbacks, rng),
+                    None,
+                ),
+                Choice::Prefix { key, threshold } => prefix_aware(
+                    &estimates,
+                    eligible,
+                    key,
+                    self.membership.hashes(),
+                    threshold,
+                    fallbacks,
+                    rng,
+                ),
+            };
             let Some(chosen) = selection.chosen() else {
                 return Err(TrackerError::NoEligibleEndpoint);
             };
@@ -580,6 +622,7 @@ impl PoolTracker {
                         selection,
                         membership,
                         chosen_load: table.total(chosen),
+                        prefix,
                     });
                 }
                 Err(StoreError::CasMismatch) => self.lost_race(attempt),

@@ -13,6 +13,7 @@ const CAS_MISMATCH: u32 = 8;
 const MAP_HTTP_REQUEST_HEADERS: u32 = 0;
 const MAP_HTTP_RESPONSE_HEADERS: u32 = 2;
 const MAP_HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
+const BUFFER_HTTP_REQUEST_BODY: u32 = 0;
 const BUFFER_HTTP_CALL_RESPONSE_BODY: u32 = 4;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
 const EMPTY: u32 = 7;
@@ -65,6 +66,8 @@ extern "C" {
     ) -> u32;
     fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
+    fn proxy_continue_stream(stream_type: u32) -> u32;
     fn proxy_define_metric(
         metric_type: u32,
         name_data: *const u8,
@@ -135,6 +138,22 @@ pub fn set_request_header(name: &str, value: &str) -> Result<(), u32> {
     })
 }
 
+pub fn request_header(name: &str) -> Option<Vec<u8>> {
+    header_value(MAP_HTTP_REQUEST_HEADERS, name)
+}
+
+/// Makes the following host calls act on the stream of `context_id` (proxy-wasm's way for one
+/// context to act on another of the same VM).
+pub fn set_effective_context(context_id: u32) -> Result<(), u32> {
+    status(unsafe { proxy_set_effective_context(context_id) })
+}
+
+/// Resumes the request side of the effective context's stream.
+pub fn continue_request() -> Result<(), u32> {
+    const STREAM_HTTP_REQUEST: u32 = 0;
+    status(unsafe { proxy_continue_stream(STREAM_HTTP_REQUEST) })
+}
+
 pub fn remove_request_header(name: &str) -> Result<(), u32> {
     status(unsafe {
         proxy_remove_header_map_value(MAP_HTTP_REQUEST_HEADERS, name.as_ptr(), name.len())
@@ -142,9 +161,14 @@ pub fn remove_request_header(name: &str) -> Result<(), u32> {
 }
 
 fn buffer(buffer_type: u32, max_size: usize) -> Result<Option<Vec<u8>>, u32> {
+    buffer_range(buffer_type, 0, max_size)
+}
+
+fn buffer_range(buffer_type: u32, start: usize, max_size: usize) -> Result<Option<Vec<u8>>, u32> {
     let mut data: *mut u8 = null_mut();
     let mut size = 0usize;
-    let code = unsafe { proxy_get_buffer_bytes(buffer_type, 0, max_size, &mut data, &mut size) };
+    let code =
+        unsafe { proxy_get_buffer_bytes(buffer_type, start, max_size, &mut data, &mut size) };
     match code {
         OK => Ok(unsafe { take_host_buffer(data, size) }),
         NOT_FOUND | EMPTY => Ok(None),
@@ -154,6 +178,13 @@ fn buffer(buffer_type: u32, max_size: usize) -> Result<Option<Vec<u8>>, u32> {
 
 pub fn plugin_configuration() -> Result<Option<Vec<u8>>, u32> {
     buffer(BUFFER_PLUGIN_CONFIGURATION, usize::MAX)
+}
+
+/// `size` bytes of the request body Envoy has buffered, from `start`.
+pub fn request_body(start: usize, size: usize) -> Option<Vec<u8>> {
+    buffer_range(BUFFER_HTTP_REQUEST_BODY, start, size)
+        .ok()
+        .flatten()
 }
 
 pub fn http_call_response_body(size: usize) -> Option<Vec<u8>> {

@@ -1,6 +1,7 @@
 //! The proxy-wasm glue: callbacks gather inputs, call the pure core, and apply its answer.
 //! Nothing here may panic: a panic traps the worker's VM and fails all of its traffic.
 
+mod hold;
 mod host;
 mod load;
 mod stats;
@@ -18,8 +19,9 @@ use crate::admin;
 use crate::config::{self, Config};
 use crate::health::Outcome;
 use crate::outcome;
+use crate::prefix::{self, KeyScanner, Scan};
 use crate::rng::SplitMix64;
-use crate::select::Selection;
+use crate::select::{Choice, Selection, Strategy};
 use crate::server_load;
 use crate::tracker::{ClusterUpdate, Install, MembershipSource, PoolTracker, Ticket, TrackerError};
 use host::HostStore;
@@ -34,6 +36,8 @@ proxy_wasm::main! {{
 #[derive(Default)]
 struct Root {
     filter: Option<Rc<Filter>>,
+    /// This root is the hold filter (`{"role": "hold"}`), not the routing filter.
+    hold: bool,
     poll: AdminPollState,
     load: load::LoadPolling,
     /// Whether this VM held the leader lease at its last housekeeping.
@@ -87,7 +91,27 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        match Filter::configure() {
+        let bytes = match host::plugin_configuration() {
+            Ok(bytes) => bytes,
+            Err(status) => {
+                log::error!(
+                    "model-lb: rejecting plugin configuration: cannot read it (status {status})"
+                );
+                return false;
+            }
+        };
+        let config = match config::parse_plugin(bytes.as_deref()) {
+            Ok(config::Plugin::Hold) => {
+                self.hold = true;
+                return true;
+            }
+            Ok(config::Plugin::Router(config)) => *config,
+            Err(e) => {
+                log::error!("model-lb: rejecting plugin configuration: {e}");
+                return false;
+            }
+        };
+        match Filter::configure(config) {
             Ok(filter) => {
                 self.filter = Some(Rc::new(filter));
                 true
@@ -142,13 +166,18 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        if self.hold {
+            return Some(Box::new(hold::Hold::new(context_id)));
+        }
         Some(Box::new(Request {
+            context_id,
             filter: self.filter.clone(),
             ticket: None,
             selection: Selection::default(),
             request_complete: false,
             request_body_bytes: 0,
+            scanner: None,
         }))
     }
 
@@ -167,10 +196,7 @@ struct Filter {
 }
 
 impl Filter {
-    fn configure() -> Result<Self, String> {
-        let bytes = host::plugin_configuration()
-            .map_err(|status| format!("cannot read the plugin configuration (status {status})"))?;
-        let config = config::parse(bytes.as_deref()).map_err(|e| e.to_string())?;
+    fn configure(config: Config) -> Result<Self, String> {
         let now_ms = host::now_ms().unwrap_or(0);
         let seed = vm_seed(now_ms);
         let source = match &config.admin {
@@ -243,7 +269,42 @@ impl Filter {
 
     /// Chooses the endpoints and writes them into the routing header. Whatever happens, the
     /// header a client sent does not survive: it is overwritten or removed.
-    fn route(&self) -> Option<(Ticket, Selection)> {
+    /// How requests are chosen before any body is seen.
+    fn default_choice(&self) -> Choice {
+        match self.config.strategy {
+            Strategy::Random => Choice::Random,
+            Strategy::LeastOutstandingRequests | Strategy::PrefixAware => {
+                Choice::LeastOutstandingRequests
+            }
+        }
+    }
+
+    /// `PREFIX_AWARE` once the body has given its key (or not, and why).
+    fn route_by_prefix(
+        &self,
+        key: Result<prefix::Key, prefix::NoKey>,
+        body_bytes_read: usize,
+    ) -> Option<(Ticket, Selection)> {
+        let threshold = self
+            .config
+            .prefix_aware
+            .map_or(prefix::DEFAULT_CONCURRENCY_THRESHOLD, |p| {
+                p.concurrency_threshold
+            });
+        if let Ok(mut stats) = self.stats.try_borrow_mut() {
+            stats.prefix_key(&key, body_bytes_read);
+        }
+        let choice = match key {
+            Ok(key) => Choice::Prefix {
+                key: key.hash,
+                threshold,
+            },
+            Err(_) => Choice::LeastOutstandingRequests,
+        };
+        self.route(choice)
+    }
+
+    fn route(&self, choice: Choice) -> Option<(Ticket, Selection)> {
         let (Ok(mut tracker), Ok(mut rng), Ok(mut stats)) = (
             self.tracker.try_borrow_mut(),
             self.rng.try_borrow_mut(),
@@ -252,9 +313,9 @@ impl Filter {
             self.fail_open(None, FailOpen::Reentered);
             return None;
         };
-        let routed = tracker.route(
+        let routed = tracker.route_with(
             &HostStore,
-            self.config.strategy,
+            choice,
             self.config.fallback_endpoints,
             &mut *rng,
         );
@@ -523,6 +584,7 @@ impl Filter {
 const TEST_CRASH_HEADER: &str = "x-model-lb-test-crash";
 
 struct Request {
+    context_id: u32,
     filter: Option<Rc<Filter>>,
     ticket: Option<Ticket>,
     /// The header list the filter wrote, to tell a retry onto a fallback from a host Envoy
@@ -530,9 +592,72 @@ struct Request {
     selection: Selection,
     request_complete: bool,
     request_body_bytes: u64,
+    /// `PREFIX_AWARE`: reading the body for the key while the request waits.
+    scanner: Option<KeyScanner>,
 }
 
 impl Request {
+    /// Routes (once) and lets the request go on; the header write happens before Envoy's
+    /// router sees the request, since the headers were held.
+    fn route_now(&mut self, choice_key: Option<Result<prefix::Key, prefix::NoKey>>) {
+        let Some(filter) = &self.filter else { return };
+        if self.ticket.is_some() {
+            return;
+        }
+        let scanned = self.scanner.take().map_or(0, |s| s.scanned());
+        let routed = match choice_key {
+            Some(key) => filter.route_by_prefix(key, scanned),
+            None => filter.route(filter.default_choice()),
+        };
+        if let Some((ticket, selection)) = routed {
+            self.ticket = Some(ticket);
+            self.selection = selection;
+            if filter
+                .config
+                .server_load
+                .as_ref()
+                .is_some_and(|load| load.response_reports)
+            {
+                let _ =
+                    host::set_request_header(server_load::RESPONSE_REPORT_REQUEST_HEADER, "text");
+            }
+        }
+    }
+
+    /// Feeds the chunk passing by (read only as far as the scanner's budget); `Some` once the
+    /// key is decided.
+    fn scan(
+        &mut self,
+        chunk: usize,
+        end_of_stream: bool,
+    ) -> Option<Result<prefix::Key, prefix::NoKey>> {
+        let scanner = self.scanner.as_mut()?;
+        let wanted = chunk.min(scanner.budget());
+        if wanted > 0 {
+            let Some(bytes) = host::request_body(0, wanted) else {
+                return Some(Err(prefix::NoKey::Truncated));
+            };
+            if let Scan::Done(result) = scanner.feed(&bytes) {
+                return Some(result);
+            }
+        }
+        end_of_stream.then(|| scanner.finish())
+    }
+
+    /// Routes a held `PREFIX_AWARE` request by its key and lets the hold filter release it.
+    fn release_held(&mut self, key: Result<prefix::Key, prefix::NoKey>) {
+        let router = self.context_id;
+        let released = hold::release(router, || self.route_now(Some(key)));
+        if !released {
+            self.scanner = None;
+            if let Some(filter) = &self.filter {
+                filter.fail_open(
+                    filter.stats.try_borrow_mut().ok().as_deref_mut(),
+                    FailOpen::NoHoldFilter,
+                );
+            }
+        }
+    }
     /// Ends the request's count exactly once, from whichever of `on_log` or drop comes first.
     fn finish(&mut self, outcome: Outcome) {
         if let (Some(filter), Some(ticket)) = (&self.filter, self.ticket.take()) {
@@ -583,25 +708,27 @@ impl Context for Request {}
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         self.request_complete = end_of_stream;
-        if let Some(filter) = &self.filter {
-            if self.ticket.is_none() {
-                if let Some((ticket, selection)) = filter.route() {
-                    self.ticket = Some(ticket);
-                    self.selection = selection;
-                    if filter
-                        .config
-                        .server_load
-                        .as_ref()
-                        .is_some_and(|load| load.response_reports)
-                    {
-                        let _ = host::set_request_header(
-                            server_load::RESPONSE_REPORT_REQUEST_HEADER,
-                            "text",
-                        );
-                    }
-                }
-            }
+        let Some(filter) = self.filter.clone() else {
+            return Action::Continue;
+        };
+        if self.ticket.is_some() {
+            return Action::Continue;
         }
+        if let (Some(prefix_aware), false) = (filter.config.prefix_aware, end_of_stream) {
+            // The hold filter after this one keeps the request until the body gives its key
+            // (see `hold`). A client's copy of the routing header must not survive even if the
+            // filter makes no decision; nor may a client's copy of the hold tag.
+            let _ = host::remove_request_header(&filter.config.endpoint_header);
+            let _ = host::set_request_header(hold::HOLD_HEADER, &self.context_id.to_string());
+            self.scanner = Some(KeyScanner::new(prefix_aware.prefix_length));
+            return Action::Continue;
+        }
+        let _ = host::remove_request_header(hold::HOLD_HEADER);
+        let key = filter
+            .config
+            .prefix_aware
+            .map(|_| Err(prefix::NoKey::NoBody));
+        self.route_now(key);
         #[cfg(feature = "test-vm-crash")]
         if self.ticket.is_some() && self.get_http_request_header(TEST_CRASH_HEADER).is_some() {
             // Dies holding the count it just took: a VM crash, as the other VMs see it.
@@ -618,18 +745,28 @@ impl HttpContext for Request {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.request_complete |= end_of_stream;
         // With Continue, Envoy hands over each chunk once: the sizes add up to the body.
         self.request_body_bytes = self.request_body_bytes.saturating_add(body_size as u64);
-        self.request_complete |= end_of_stream;
+        if let Some(key) = self.scan(body_size, end_of_stream) {
+            self.release_held(key);
+        }
         Action::Continue
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
         self.request_complete = true;
+        if let Some(scanner) = self.scanner.as_mut() {
+            let key = scanner.finish();
+            self.release_held(key);
+        }
         Action::Continue
     }
 
     fn on_log(&mut self) {
+        if self.scanner.take().is_some() {
+            hold::forget(self.context_id);
+        }
         let outcome = self.judge();
         self.finish(outcome);
     }

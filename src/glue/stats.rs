@@ -7,6 +7,8 @@ use std::rc::Rc;
 use super::host;
 use crate::config::Config;
 use crate::membership::Membership;
+use crate::prefix::{Key, KeySource, NoKey};
+use crate::select::PrefixChoice;
 use crate::tracker::{Events, Routed, TrackerError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,16 +19,20 @@ pub enum FailOpen {
     NoEligibleEndpoint,
     HeaderWrite,
     Reentered,
+    /// `PREFIX_AWARE` without the hold filter after this one: the headers were gone to the
+    /// router before the body gave its key.
+    NoHoldFilter,
 }
 
 impl FailOpen {
-    const ALL: [FailOpen; 6] = [
+    const ALL: [FailOpen; 7] = [
         Self::HostError,
         Self::Contention,
         Self::BadSharedState,
         Self::NoEligibleEndpoint,
         Self::HeaderWrite,
         Self::Reentered,
+        Self::NoHoldFilter,
     ];
 
     fn name(self) -> &'static str {
@@ -37,6 +43,7 @@ impl FailOpen {
             Self::NoEligibleEndpoint => "no_eligible_endpoint",
             Self::HeaderWrite => "header_write",
             Self::Reentered => "reentered",
+            Self::NoHoldFilter => "no_hold_filter",
         }
     }
 }
@@ -87,6 +94,27 @@ struct EndpointMetrics {
     load_stale: Metric,
 }
 
+/// `PREFIX_AWARE`'s decisions.
+struct PrefixMetrics {
+    routed: Metric,
+    spilled: Metric,
+    fallback: [Metric; 4],
+    raw_body_keys: Metric,
+    body_bytes_read: Metric,
+}
+
+/// Why a `PREFIX_AWARE` request was routed by least outstanding requests.
+const PREFIX_FALLBACKS: [&str; 4] = ["no_body", "truncated", "scan_limit", "all_busy"];
+
+#[derive(Default)]
+struct PrefixDeltas {
+    routed: u64,
+    spilled: u64,
+    fallback: [u64; 4],
+    raw_body_keys: u64,
+    body_bytes_read: u64,
+}
+
 /// Fleet-wide totals of the server-load poller (leader only) and of in-band reports.
 struct ServerLoadMetrics {
     reports: Metric,
@@ -125,6 +153,8 @@ pub struct Stats {
     excused: Metric,
     not_in_cluster: Metric,
     server_load: Option<ServerLoadMetrics>,
+    prefix_routing: Option<PrefixMetrics>,
+    prefix_delta: PrefixDeltas,
     endpoints: Vec<EndpointMetrics>,
     endpoints_token: u64,
     decisions_delta: u64,
@@ -175,6 +205,14 @@ impl Stats {
                 polls_per_second: gauge(&name("server_load.polls_per_second")),
                 response_reports: counter(&name("server_load.response_reports")),
             }),
+            prefix_routing: config.prefix_aware.map(|_| PrefixMetrics {
+                routed: counter(&name("prefix.routed")),
+                spilled: counter(&name("prefix.spilled")),
+                fallback: PREFIX_FALLBACKS.map(|r| counter(&name(&format!("prefix.fallback.{r}")))),
+                raw_body_keys: counter(&name("prefix.raw_body_keys")),
+                body_bytes_read: counter(&name("prefix.body_bytes_read")),
+            }),
+            prefix_delta: PrefixDeltas::default(),
             endpoints: Vec::new(),
             endpoints_token: 0,
             decisions_delta: 0,
@@ -236,6 +274,12 @@ impl Stats {
     pub fn routed(&mut self, routed: &Routed) {
         self.follow(&routed.membership);
         self.decisions_delta += 1;
+        match routed.prefix {
+            Some(PrefixChoice::Preferred) => self.prefix_delta.routed += 1,
+            Some(PrefixChoice::Spilled) => self.prefix_delta.spilled += 1,
+            Some(PrefixChoice::AllBusy) => self.prefix_delta.fallback[3] += 1,
+            None => {}
+        }
         if let Some(slot) = routed
             .selection
             .chosen()
@@ -284,6 +328,34 @@ impl Stats {
     pub fn finished(&mut self, honoured: bool, excused: bool) {
         self.unhonoured_delta += u64::from(!honoured);
         self.excused_delta += u64::from(excused);
+    }
+
+    /// What the body of a `PREFIX_AWARE` request gave.
+    pub fn prefix_key(&mut self, key: &Result<Key, NoKey>, body_bytes_read: usize) {
+        let delta = &mut self.prefix_delta;
+        delta.body_bytes_read += body_bytes_read as u64;
+        match key {
+            Ok(key) if key.source == KeySource::RawBody => delta.raw_body_keys += 1,
+            Ok(_) => {}
+            Err(reason) => {
+                if let Some(i) = NoKey::ALL.iter().position(|r| r == reason) {
+                    delta.fallback[i] += 1;
+                }
+            }
+        }
+    }
+
+    fn flush_prefix(&mut self) {
+        let delta = std::mem::take(&mut self.prefix_delta);
+        if let Some(m) = &self.prefix_routing {
+            add(m.routed, delta.routed);
+            add(m.spilled, delta.spilled);
+            for (metric, n) in m.fallback.iter().zip(delta.fallback) {
+                add(*metric, n);
+            }
+            add(m.raw_body_keys, delta.raw_body_keys);
+            add(m.body_bytes_read, delta.body_bytes_read);
+        }
     }
 
     /// A server-load poll of endpoint `index` (of the current membership) was answered.
@@ -365,6 +437,7 @@ impl Stats {
         }
         self.flush_routed();
         self.flush_reports();
+        self.flush_prefix();
         let unhonoured = std::mem::take(&mut self.unhonoured_delta);
         add(self.unhonoured, unhonoured);
         add(self.excused, std::mem::take(&mut self.excused_delta));

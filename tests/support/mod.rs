@@ -167,6 +167,34 @@ impl EnvoyConfig {
         self
     }
 
+    /// Adds the hold filter (`{"role": "hold"}`) right after the plugin, as PREFIX_AWARE needs.
+    pub fn with_hold_filter(mut self) -> Self {
+        let router = "          - name: envoy.filters.http.router";
+        let wasm = wasm_path();
+        let hold = format!(
+            r#"          - name: model_lb_hold
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: model_lb_hold
+                root_id: model_lb_hold
+                fail_open: false
+                vm_config:
+                  vm_id: model_lb
+                  runtime: envoy.wasm.runtime.v8
+                  code:
+                    local: {{ filename: {} }}
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: '{{"role": "hold"}}'
+"#,
+            wasm.display()
+        );
+        let at = self.yaml.find(router).expect("router filter");
+        self.yaml.insert_str(at, &hold);
+        self
+    }
+
     pub fn yaml(&self) -> &str {
         &self.yaml
     }
@@ -729,8 +757,34 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
             too_large: true,
         });
     }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body).ok()?;
+    if headers
+        .get("transfer-encoding")
+        .is_some_and(|v| v.contains("chunked"))
+    {
+        // Read (and drop) the chunks, so the connection stays usable for the next request.
+        let mut total = 0usize;
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size).ok()?;
+            let size = usize::from_str_radix(size.trim(), 16).ok()?;
+            let mut chunk = vec![0; size + 2];
+            reader.read_exact(&mut chunk).ok()?;
+            total += size;
+            if size == 0 {
+                break;
+            }
+            if total > BACKEND_MAX_BODY {
+                return Some(Request {
+                    path,
+                    headers,
+                    too_large: true,
+                });
+            }
+        }
+    } else {
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).ok()?;
+    }
     Some(Request {
         path,
         headers,
@@ -931,6 +985,26 @@ pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> std::io::Result<Response>
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let _ = stream.write_all(bytes);
     read_response(&mut BufReader::new(stream))
+}
+
+/// A POST with a body (`content-length`), on a fresh connection, fully read.
+pub fn post(
+    addr: SocketAddr,
+    path: &str,
+    body: &[u8],
+    headers: &[(&str, &str)],
+) -> std::io::Result<Response> {
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nhost: models\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(body);
+    raw_exchange(addr, &bytes)
 }
 
 /// Declares a `declared`-byte body, sends `sent` bytes of it, then hangs up: an upload the

@@ -1,0 +1,90 @@
+//! The hold filter (`{"role": "hold"}`), for `PREFIX_AWARE`. Envoy's router picks the upstream
+//! host as soon as it sees the request headers, but the prompt is in the body. proxy-wasm cannot
+//! pause headers and still read the body in the same filter (a paused wasm filter gets no body
+//! callbacks), so the work is split between two filters of the same VM:
+//!
+//! 1. `model_lb` lets the headers pass, tagged with its context id, and reads each body chunk as
+//!    it streams by;
+//! 2. `model_lb_hold`, right after it, holds the headers (and buffers the body, with Envoy's
+//!    watermark flow control, so nothing is buffered without bound);
+//! 3. once `model_lb` has the key, it writes the routing header into the held request and
+//!    resumes it: the router then sees the headers with the decision in them.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::Action;
+
+use super::host;
+
+/// Carries the routing filter's context id to the hold filter of the same stream.
+pub const HOLD_HEADER: &str = "x-model-lb-hold";
+
+thread_local! {
+    /// Routing filter's context id → the hold filter's context id holding that stream.
+    static HOLDS: RefCell<HashMap<u32, u32>> = RefCell::new(HashMap::new());
+}
+
+pub struct Hold {
+    context_id: u32,
+    router: Option<u32>,
+}
+
+impl Hold {
+    pub fn new(context_id: u32) -> Self {
+        Self {
+            context_id,
+            router: None,
+        }
+    }
+}
+
+impl Context for Hold {}
+
+impl HttpContext for Hold {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let Some(router) = host::request_header(HOLD_HEADER)
+            .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u32>().ok())
+        else {
+            return Action::Continue;
+        };
+        let _ = host::remove_request_header(HOLD_HEADER);
+        HOLDS.with(|holds| holds.borrow_mut().insert(router, self.context_id));
+        self.router = Some(router);
+        Action::Pause
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Some(router) = self.router {
+            HOLDS.with(|holds| {
+                let mut holds = holds.borrow_mut();
+                if holds.get(&router) == Some(&self.context_id) {
+                    holds.remove(&router);
+                }
+            });
+        }
+    }
+}
+
+/// Runs `decide` on the held stream of routing context `router` (so its header writes land in
+/// the held request), then lets that request go on. `false` when no hold filter holds it.
+pub fn release(router: u32, decide: impl FnOnce()) -> bool {
+    let Some(held) = HOLDS.with(|holds| holds.borrow_mut().remove(&router)) else {
+        return false;
+    };
+    if host::set_effective_context(held).is_err() {
+        return false;
+    }
+    decide();
+    let _ = host::continue_request();
+    let _ = host::set_effective_context(router);
+    true
+}
+
+/// Forgets a routing context's hold (the request ended before a decision).
+pub fn forget(router: u32) {
+    HOLDS.with(|holds| holds.borrow_mut().remove(&router));
+}
