@@ -175,6 +175,13 @@ pub struct Ejection {
     pub failures: u16,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointEstimate {
+    pub estimate: u32,
+    pub full: bool,
+    pub weight: u32,
+}
+
 /// What applying Envoy's view of the cluster changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ClusterUpdate {
@@ -324,7 +331,9 @@ impl PoolTracker {
     }
 
     /// Per endpoint: the estimate selection uses and whether it counts as full, for gauges.
-    pub fn estimates(&mut self, totals: &[u32]) -> Vec<(u32, bool)> {
+    /// Per endpoint: the estimate selection uses, whether its batch counts as full, and the
+    /// weight it is divided by; for gauges.
+    pub fn estimates(&mut self, totals: &[u32]) -> Vec<EndpointEstimate> {
         self.view.align(&self.membership);
         let estimates = Estimates {
             local: totals,
@@ -333,7 +342,11 @@ impl PoolTracker {
             stale_after_ms: self.stale_after_ms,
         };
         (0..totals.len())
-            .map(|e| (estimates.estimate(e), estimates.full(e)))
+            .map(|e| EndpointEstimate {
+                estimate: estimates.estimate(e),
+                full: estimates.full(e),
+                weight: self.view.entries().get(e).map_or(1, |l| l.weight),
+            })
             .collect()
     }
 

@@ -238,13 +238,18 @@ fn envoy_endpoint_weights_scale_how_much_an_endpoint_takes() {
             &heavy,
             &format!("{heavy}\n          load_balancing_weight: 4"),
         );
-    let envoy = Envoy::start(&config);
-    // Two admin polls counted: the first one's weights have been published since.
+    let envoy = Envoy::start(&config.replace("interval: 5s", "interval: 0.25s"));
+    let weight = format!("endpoint.{}.weight", backends[2].id());
     wait_until(
         Duration::from_secs(10),
-        "the admin poll to read the weights",
-        || stat(&envoy, "admin_polls") >= 2,
+        "the weights and health to be applied",
+        || stat(&envoy, &weight) == 4 && stat(&envoy, "eligible_endpoints") == 3,
     );
+    // The leader publishes what it applies; every worker takes it on its next tick.
+    let polls = stat(&envoy, "admin_polls");
+    wait_until(Duration::from_secs(10), "two more ticks", || {
+        stat(&envoy, "admin_polls") >= polls + 2
+    });
     let held: Vec<_> = (0..6).map(|_| hold_through(envoy.listener)).collect();
     wait_for_active(&backends, 6);
     assert_eq!(active(&backends), vec![1, 1, 4]);

@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::membership::Membership;
 use crate::prefix::{Key, KeySource, NoKey};
 use crate::select::PrefixChoice;
-use crate::tracker::{Events, Routed, TrackerError};
+use crate::tracker::{EndpointEstimate, Events, Routed, TrackerError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailOpen {
@@ -89,6 +89,8 @@ struct EndpointMetrics {
     eligible: Metric,
     /// With server load only: the estimate selection uses, and report health.
     estimated: Metric,
+    /// With `admin_cluster`: the Envoy endpoint weight the filter applies.
+    weight: Metric,
     load_reports: Metric,
     load_report_errors: Metric,
     load_stale: Metric,
@@ -153,6 +155,8 @@ pub struct Stats {
     excused: Metric,
     not_in_cluster: Metric,
     server_load: Option<ServerLoadMetrics>,
+    /// Envoy's endpoint weights are read (`admin_cluster` is set).
+    weights: bool,
     prefix_routing: Option<PrefixMetrics>,
     prefix_delta: PrefixDeltas,
     endpoints: Vec<EndpointMetrics>,
@@ -205,6 +209,7 @@ impl Stats {
                 polls_per_second: gauge(&name("server_load.polls_per_second")),
                 response_reports: counter(&name("server_load.response_reports")),
             }),
+            weights: config.admin.is_some(),
             prefix_routing: config.prefix_aware.map(|_| PrefixMetrics {
                 routed: counter(&name("prefix.routed")),
                 spilled: counter(&name("prefix.spilled")),
@@ -244,6 +249,7 @@ impl Stats {
             set(old.load_stale, 0);
         }
         let with_load = self.server_load.is_some();
+        let with_weights = self.weights;
         let prefix = &self.prefix;
         let endpoint_metric = |address: &str, suffix: &str, define: fn(&str) -> Metric| {
             if with_load {
@@ -260,6 +266,11 @@ impl Stats {
                 in_flight: gauge(&format!("{prefix}endpoint.{address}.in_flight")),
                 eligible: gauge(&format!("{prefix}endpoint.{address}.eligible")),
                 estimated: endpoint_metric(address, "estimated_in_flight", gauge),
+                weight: if with_weights {
+                    gauge(&format!("{prefix}endpoint.{address}.weight"))
+                } else {
+                    None
+                },
                 load_reports: endpoint_metric(address, "load_reports", counter),
                 load_report_errors: endpoint_metric(address, "load_report_errors", counter),
                 load_stale: endpoint_metric(address, "load_stale", gauge),
@@ -300,7 +311,7 @@ impl Stats {
         membership: &Rc<Membership>,
         loads: &[u32],
         eligible: &[bool],
-        estimates: &[(u32, bool)],
+        estimates: &[EndpointEstimate],
     ) {
         self.follow(membership);
         for (e, metrics) in self.endpoints.iter().enumerate() {
@@ -309,12 +320,12 @@ impl Stats {
                 metrics.eligible,
                 eligible.get(e).map_or(0, |&ok| u64::from(ok)),
             );
+            let estimate = estimates.get(e);
             set(
                 metrics.estimated,
-                estimates
-                    .get(e)
-                    .map_or(0, |&(estimate, _)| u64::from(estimate)),
+                estimate.map_or(0, |x| u64::from(x.estimate)),
             );
+            set(metrics.weight, estimate.map_or(1, |x| u64::from(x.weight)));
         }
         set(self.in_flight, loads.iter().map(|&l| u64::from(l)).sum());
         set(
