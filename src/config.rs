@@ -47,12 +47,15 @@ const MAX_VM_LEASE_TTL_MS: u64 = 3_600_000;
 const MAX_CLUSTER_NAME_LEN: usize = 128;
 const MAX_BLAMED_BODY_BYTES: u64 = 1 << 30;
 /// Settings of passive health; rejected when it is off, so nobody tunes a switched-off feature.
-const PASSIVE_HEALTH_FIELDS: [&str; 4] = [
+const PASSIVE_HEALTH_FIELDS: [&str; 5] = [
     "failure_threshold",
     "ejection_base_ms",
     "ejection_max_ms",
     "max_blamed_body_bytes",
+    "max_ejection_percent",
 ];
+/// Envoy's outlier detection default.
+pub const DEFAULT_MAX_EJECTION_PERCENT: u64 = 10;
 
 const FIELDS: &[&str] = &[
     "routing_strategy",
@@ -67,6 +70,7 @@ const FIELDS: &[&str] = &[
     "ejection_base_ms",
     "ejection_max_ms",
     "max_blamed_body_bytes",
+    "max_ejection_percent",
     "admin_cluster",
     "admin_poll_interval_ms",
     "watch_cluster",
@@ -343,11 +347,16 @@ fn from_object(object: &Map<String, Value>) -> Result<Config, ConfigError> {
         None => DEFAULT_MAX_BLAMED_BODY_BYTES,
         Some(value) => integer_field("max_blamed_body_bytes", value, 0, MAX_BLAMED_BODY_BYTES)?,
     };
+    let max_ejection_percent = match object.get("max_ejection_percent") {
+        None => DEFAULT_MAX_EJECTION_PERCENT,
+        Some(value) => integer_field("max_ejection_percent", value, 1, 100)?,
+    };
     let passive = passive_health.then_some(PassivePolicy {
         failure_threshold: failure_threshold as u16,
         base_ejection_ms,
         max_ejection_ms,
         max_blamed_body_bytes,
+        max_ejection_percent: max_ejection_percent as u8,
     });
 
     let admin = match object.get("admin_cluster") {
@@ -887,6 +896,7 @@ mod tests {
                 base_ejection_ms: 5_000,
                 max_ejection_ms: 300_000,
                 max_blamed_body_bytes: 65_536,
+                max_ejection_percent: 10,
             })
         );
         assert_eq!(config.admin, None);
@@ -1264,6 +1274,11 @@ mod tests {
                 r#"{"endpoints": ["1.1.1.1:1"], "passive_health": false, "failure_threshold": 2}"#,
                 "failure_threshold",
                 "no effect with \"passive_health\": false",
+            ),
+            (
+                r#"{"endpoints": ["1.1.1.1:1"], "max_ejection_percent": 0}"#,
+                "max_ejection_percent",
+                "integer from 1 to 100",
             ),
             (
                 r#"{"endpoints": ["1.1.1.1:1"], "max_blamed_body_bytes": -5}"#,

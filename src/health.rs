@@ -45,11 +45,26 @@ pub struct PassivePolicy {
     pub max_ejection_ms: u64,
     /// Resets of requests with a larger body are not held against the endpoint (see `outcome`).
     pub max_blamed_body_bytes: u64,
+    /// At most this share of the pool is ejected at once (at least one endpoint), like Envoy's
+    /// outlier detection: when servers fail from overload, ejecting them all would push their
+    /// load onto the rest until those fail too.
+    pub max_ejection_percent: u8,
+}
+
+impl PassivePolicy {
+    /// How many endpoints of a pool of `endpoints` may be ejected at once.
+    pub fn max_ejected(&self, endpoints: usize) -> usize {
+        (endpoints * usize::from(self.max_ejection_percent) / 100).max(1)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
     None,
+    /// The endpoint reached the failure threshold, but the pool already has as many endpoints
+    /// ejected as `max_ejection_percent` allows: it stays in, and is ejected at its next
+    /// failure once there is room.
+    Capped,
     /// The endpoint was just ejected for this long.
     Ejected {
         for_ms: u64,
@@ -82,8 +97,15 @@ impl Health {
         }
     }
 
-    /// Folds one request's outcome into the endpoint's passive health.
-    pub fn record(&mut self, outcome: Outcome, policy: &PassivePolicy, now_ms: u64) -> Change {
+    /// Folds one request's outcome into the endpoint's passive health. `may_eject` is false
+    /// while the pool is at its ejection cap.
+    pub fn record(
+        &mut self,
+        outcome: Outcome,
+        policy: &PassivePolicy,
+        now_ms: u64,
+        may_eject: bool,
+    ) -> Change {
         match outcome {
             Outcome::Neutral => Change::None,
             Outcome::Success => {
@@ -108,6 +130,10 @@ impl Health {
                 if self.failures < threshold {
                     return Change::None;
                 }
+                if !may_eject {
+                    self.failures = threshold;
+                    return Change::Capped;
+                }
                 let failures = self.failures;
                 self.ejections = (self.ejections + 1).min(MAX_EJECTIONS);
                 let for_ms = policy
@@ -131,6 +157,7 @@ mod tests {
         base_ejection_ms: 1_000,
         max_ejection_ms: 5_000,
         max_blamed_body_bytes: 65_536,
+        max_ejection_percent: 10,
     };
 
     #[test]
@@ -151,14 +178,14 @@ mod tests {
     #[test]
     fn ejects_after_consecutive_failures_and_a_success_resets_the_streak() {
         let mut h = Health::default();
-        assert_eq!(h.record(Outcome::Failure, &POLICY, 0), Change::None);
-        assert_eq!(h.record(Outcome::Failure, &POLICY, 0), Change::None);
-        assert_eq!(h.record(Outcome::Success, &POLICY, 0), Change::None);
+        assert_eq!(h.record(Outcome::Failure, &POLICY, 0, true), Change::None);
+        assert_eq!(h.record(Outcome::Failure, &POLICY, 0, true), Change::None);
+        assert_eq!(h.record(Outcome::Success, &POLICY, 0, true), Change::None);
         assert_eq!(h.failures, 0);
-        h.record(Outcome::Failure, &POLICY, 0);
-        h.record(Outcome::Failure, &POLICY, 0);
+        h.record(Outcome::Failure, &POLICY, 0, true);
+        h.record(Outcome::Failure, &POLICY, 0, true);
         assert_eq!(
-            h.record(Outcome::Failure, &POLICY, 10),
+            h.record(Outcome::Failure, &POLICY, 10, true),
             Change::Ejected {
                 for_ms: 1_000,
                 failures: 3
@@ -167,18 +194,18 @@ mod tests {
         assert!(!h.eligible(10));
         assert!(!h.eligible(1_009));
         assert!(h.eligible(1_010));
-        assert_eq!(h.record(Outcome::Neutral, &POLICY, 20), Change::None);
+        assert_eq!(h.record(Outcome::Neutral, &POLICY, 20, true), Change::None);
     }
 
     #[test]
     fn failures_of_requests_already_in_flight_do_not_extend_an_ejection() {
         let mut h = Health::default();
         for _ in 0..3 {
-            h.record(Outcome::Failure, &POLICY, 0);
+            h.record(Outcome::Failure, &POLICY, 0, true);
         }
         let until = h.ejected_until_ms;
         for _ in 0..10 {
-            assert_eq!(h.record(Outcome::Failure, &POLICY, 500), Change::None);
+            assert_eq!(h.record(Outcome::Failure, &POLICY, 500, true), Change::None);
         }
         assert_eq!(h.ejected_until_ms, until);
     }
@@ -187,12 +214,12 @@ mod tests {
     fn a_host_on_probation_is_ejected_again_at_once_for_twice_as_long_up_to_the_cap() {
         let mut h = Health::default();
         for _ in 0..3 {
-            h.record(Outcome::Failure, &POLICY, 0);
+            h.record(Outcome::Failure, &POLICY, 0, true);
         }
         let mut now = h.ejected_until_ms;
         let mut lengths = Vec::new();
         for _ in 0..5 {
-            match h.record(Outcome::Failure, &POLICY, now) {
+            match h.record(Outcome::Failure, &POLICY, now, true) {
                 Change::Ejected {
                     for_ms,
                     failures: 1,
@@ -208,13 +235,41 @@ mod tests {
     fn successes_after_recovery_shorten_the_memory_of_ejections() {
         let mut h = Health::default();
         for _ in 0..3 {
-            h.record(Outcome::Failure, &POLICY, 0);
+            h.record(Outcome::Failure, &POLICY, 0, true);
         }
         let now = h.ejected_until_ms;
-        h.record(Outcome::Success, &POLICY, now);
+        h.record(Outcome::Success, &POLICY, now, true);
         assert_eq!((h.ejections, h.ejected_until_ms), (0, 0));
         // Back to the full threshold.
-        assert_eq!(h.record(Outcome::Failure, &POLICY, now), Change::None);
+        assert_eq!(h.record(Outcome::Failure, &POLICY, now, true), Change::None);
+    }
+
+    #[test]
+    fn at_the_ejection_cap_a_failing_endpoint_stays_in_until_there_is_room() {
+        let mut h = Health::default();
+        h.record(Outcome::Failure, &POLICY, 0, false);
+        h.record(Outcome::Failure, &POLICY, 0, false);
+        assert_eq!(
+            h.record(Outcome::Failure, &POLICY, 0, false),
+            Change::Capped
+        );
+        assert!(h.eligible(0));
+        assert_eq!(
+            h.record(Outcome::Failure, &POLICY, 1, false),
+            Change::Capped
+        );
+        // Room again: the next failure ejects at once.
+        assert!(matches!(
+            h.record(Outcome::Failure, &POLICY, 2, true),
+            Change::Ejected { .. }
+        ));
+        assert_eq!(POLICY.max_ejected(3), 1, "at least one");
+        assert_eq!(POLICY.max_ejected(20), 2);
+        let half = PassivePolicy {
+            max_ejection_percent: 50,
+            ..POLICY
+        };
+        assert_eq!(half.max_ejected(5), 2);
     }
 
     #[test]

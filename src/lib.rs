@@ -5,6 +5,27 @@
 //! shared outstanding-request table and the tracker that updates it through [`store::SharedStore`].
 //! `glue` is the only module that talks to proxy-wasm, and it only exists in the wasm build.
 
+/// The build's version: `MODEL_LB_VERSION` at compile time (`make dist` sets it from git), else
+/// the package version. Logged at start-up and exposed as a stat, so an operator knows what runs.
+pub const VERSION: &str = match option_env!("MODEL_LB_VERSION") {
+    Some(version) => version,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
+/// [`VERSION`] as one stat-name segment: dots and other separators become '_'.
+pub fn version_stat_segment() -> String {
+    VERSION
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 pub mod admin;
 pub mod config;
 pub mod health;

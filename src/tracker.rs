@@ -166,6 +166,8 @@ pub struct Events {
     pub pruned_endpoints: u64,
     /// Endpoints this VM ejected (passive health), for the log and the stats.
     pub ejections: Vec<Ejection>,
+    /// Ejections not made because `max_ejection_percent` of the pool was already ejected.
+    pub capped_ejections: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -725,7 +727,12 @@ impl PoolTracker {
             let before = table.health(endpoint);
             let mut health = before;
             if let Some(policy) = &self.passive {
-                change = health.record(outcome, policy, self.now_ms);
+                let now_ms = self.now_ms;
+                let ejected = (0..table.endpoint_count())
+                    .filter(|&e| table.health(e).ejected_until_ms > now_ms)
+                    .count();
+                let may_eject = ejected < policy.max_ejected(table.endpoint_count());
+                change = health.record(outcome, policy, now_ms, may_eject);
                 table.set_health(endpoint, &health);
             }
             if result == Release::SlotReclaimed && health == before {
@@ -733,12 +740,16 @@ impl PoolTracker {
             }
             match store.set(&self.table_key, table.as_bytes(), cas) {
                 Ok(()) => {
-                    if let Change::Ejected { for_ms, failures } = change {
-                        self.events.ejections.push(Ejection {
-                            address: ticket.endpoint_address().to_owned(),
-                            for_ms,
-                            failures,
-                        });
+                    match change {
+                        Change::Ejected { for_ms, failures } => {
+                            self.events.ejections.push(Ejection {
+                                address: ticket.endpoint_address().to_owned(),
+                                for_ms,
+                                failures,
+                            })
+                        }
+                        Change::Capped => self.events.capped_ejections += 1,
+                        Change::None => {}
                     }
                     return Ok(result);
                 }

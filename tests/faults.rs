@@ -407,6 +407,41 @@ fn oversized_and_malformed_requests_never_eject_a_healthy_backend() {
 }
 
 #[test]
+fn when_every_server_fails_the_ejection_cap_keeps_traffic_flowing_to_them() {
+    // 34 % of 3 endpoints: one may be ejected at a time.
+    let pool = Pool::start_configured(
+        "LEAST_OUTSTANDING_REQUESTS",
+        r#""max_ejection_percent": 34, "ejection_base_ms": 1000, "ejection_max_ms": 1000"#,
+        |c| c,
+    );
+    for b in &pool.backends {
+        b.fail_fast();
+    }
+    let responses = closed_loop(&pool, 6, Duration::from_secs(3), &[]);
+    assert!(responses.iter().all(|r| r.status == 503));
+    // The second half of the run: the cap was reached long before, and still every server
+    // took its share (the ejected one comes back when its ejection ends).
+    let served = served_by(&responses[responses.len() / 2..]);
+    eprintln!(
+        "FIGURE cap: every server instant-503, max_ejection_percent 34: {} ejections, {} capped, second-half shares {served:?}",
+        stat(&pool, "ejections"),
+        stat(&pool, "ejections_capped")
+    );
+    for b in &pool.backends {
+        assert!(
+            served.get(&b.id()).copied().unwrap_or(0) > 0,
+            "{} got nothing: {served:?}",
+            b.id()
+        );
+    }
+    assert!(stat(&pool, "ejections_capped") > 0);
+    assert!(stat(&pool, "eligible_endpoints") >= 2);
+    assert_eq!(stat(&pool, "fail_open.no_eligible_endpoint"), 0);
+    pool.envoy.wait_for_zero_in_flight(CLUSTER);
+    assert_no_corrections(&pool);
+}
+
+#[test]
 fn route_timeouts_and_upstream_resets_under_load_leave_nothing_counted() {
     let pool = Pool::start_configured(
         "LEAST_OUTSTANDING_REQUESTS",

@@ -245,7 +245,8 @@ impl Filter {
         let stats = Stats::new(&config, tracker.membership());
         if install != Install::Adopted {
             log::info!(
-                "model-lb: cluster \"{}\": {}, strategy {}, header \"{}\", {} fallbacks ({})",
+                "model-lb {}: cluster \"{}\": {}, strategy {}, header \"{}\", {} fallbacks ({})",
+                crate::VERSION,
                 config.cluster,
                 stats::counted(config.endpoints.len() as u64, "endpoint"),
                 config.strategy.name(),

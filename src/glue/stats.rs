@@ -138,6 +138,7 @@ struct EventMetrics {
     membership_changes: Metric,
     pruned_endpoints: Metric,
     ejections: Metric,
+    ejections_capped: Metric,
 }
 
 pub struct Stats {
@@ -175,6 +176,15 @@ pub struct Stats {
 
 impl Stats {
     pub fn new(config: &Config, membership: &Rc<Membership>) -> Self {
+        // Which build runs: one gauge per version, always 1. Outside `model_lb.` so the pool
+        // tag rule does not take "build_info" for a pool.
+        set(
+            gauge(&format!(
+                "model_lb_build_info.{}",
+                crate::version_stat_segment()
+            )),
+            1,
+        );
         let prefix = format!("model_lb.{}.", config.cluster);
         let name = |suffix: &str| format!("{prefix}{suffix}");
         let mut stats = Self {
@@ -192,6 +202,7 @@ impl Stats {
                 membership_changes: counter(&name("membership_changes")),
                 pruned_endpoints: counter(&name("pruned_endpoints")),
                 ejections: counter(&name("ejections")),
+                ejections_capped: counter(&name("ejections_capped")),
             },
             in_flight: gauge(&name("in_flight")),
             endpoint_count: gauge(&name("endpoints")),
@@ -464,6 +475,7 @@ impl Stats {
         add(e.membership_changes, events.membership_changes);
         add(e.pruned_endpoints, events.pruned_endpoints);
         add(e.ejections, events.ejections.len() as u64);
+        add(e.ejections_capped, events.capped_ejections);
         let pending = pending_releases as u64;
         if let Some(id) = self.pending_releases {
             let delta = pending as i64 - self.pending_published as i64;
@@ -477,6 +489,14 @@ impl Stats {
                 "model-lb: cluster \"{cluster}\": {} failed open to the cluster's fallback \
                  policy since the last tick (see model_lb.{cluster}.fail_open.*)",
                 counted(failed_open, "request")
+            );
+        }
+        if events.capped_ejections > 0 {
+            log::warn!(
+                "model-lb: cluster \"{cluster}\": {} not ejected since the last tick: \
+                 max_ejection_percent of the pool is already ejected, so failing endpoints stay \
+                 in rather than push all the load onto the rest",
+                counted(events.capped_ejections, "failing endpoint")
             );
         }
         if unhonoured > 0 {

@@ -555,6 +555,7 @@ const PASSIVE: PassivePolicy = PassivePolicy {
     base_ejection_ms: 5_000,
     max_ejection_ms: 60_000,
     max_blamed_body_bytes: 65_536,
+    max_ejection_percent: 100,
 };
 
 fn healthy_worker(store: &MemoryStore, n: usize, seed: u64) -> PoolTracker {
@@ -624,6 +625,43 @@ fn consecutive_failures_eject_an_endpoint_until_its_ejection_expires() {
     }
     assert!(chosen_again);
     assert_eq!(totals(&store), vec![0, 0]);
+}
+
+#[test]
+fn when_every_endpoint_fails_the_ejection_cap_keeps_the_pool_serving() {
+    let store = MemoryStore::new();
+    let mut t = PoolTracker::with_health(
+        "pool",
+        endpoints(5),
+        MembershipSource::Configured,
+        Some(PassivePolicy {
+            max_ejection_percent: 40,
+            ..PASSIVE
+        }),
+        1,
+        1_000,
+    );
+    t.install(&store).unwrap();
+    let mut rng = SplitMix64::new(3);
+    // Every server answers 503 (overload): 40 % of 5 may be ejected, so 2.
+    for _ in 0..200 {
+        let routed = route(&mut t, &store, &mut rng);
+        t.release(&store, routed.ticket, Outcome::Failure);
+    }
+    let events = t.take_events();
+    assert_eq!(events.ejections.len(), 2);
+    assert!(events.capped_ejections > 0);
+    let mut served = std::collections::HashSet::new();
+    for _ in 0..60 {
+        let routed = route(&mut t, &store, &mut rng);
+        served.insert(routed.ticket.endpoint_address().to_owned());
+        t.release(&store, routed.ticket, Outcome::Failure);
+    }
+    assert_eq!(
+        served.len(),
+        3,
+        "the three endpoints kept in all serve: {served:?}"
+    );
 }
 
 /// The classic least-outstanding-requests trap: an endpoint that fails instantly always looks
