@@ -4,7 +4,10 @@
 
 use std::fmt;
 
-use serde_json::Value;
+use std::borrow::Cow;
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
 
 use crate::config::parse_endpoint;
 
@@ -39,71 +42,214 @@ impl fmt::Display for AdminError {
     }
 }
 
-/// Health flags under which Envoy's own load balancers would avoid a host.
-const UNHEALTHY_FLAGS: [&str; 5] = [
-    "failed_active_health_check",
-    "failed_outlier_check",
-    "failed_eds_health",
-    "excluded_via_immediate_hc_fail",
-    "active_hc_timeout",
-];
 const UNHEALTHY_EDS_STATUSES: [&str; 3] = ["UNHEALTHY", "DRAINING", "TIMEOUT"];
 
 /// The hosts of `cluster`, in Envoy's order. Hosts that are not IP sockets (pipes, internal
 /// addresses) cannot be named in an override header and are skipped.
+///
+/// An Istio-sized Envoy answers `/clusters` with several megabytes (every cluster, every host's
+/// stats). The answer is read in one pass that only materialises the watched cluster's hosts:
+/// everything else is skipped by the parser without building a tree.
 pub fn cluster_hosts(body: &[u8], cluster: &str) -> Result<Vec<HostStatus>, AdminError> {
-    let document: Value =
-        serde_json::from_slice(body).map_err(|e| AdminError::NotJson(e.to_string()))?;
-    let clusters = document
-        .get("cluster_statuses")
-        .and_then(Value::as_array)
-        .ok_or(AdminError::Shape("no cluster_statuses array"))?;
-    let status = clusters
-        .iter()
-        .find(|c| c.get("name").and_then(Value::as_str) == Some(cluster))
-        .ok_or_else(|| AdminError::ClusterMissing(cluster.to_owned()))?;
-    // A cluster with no hosts has no host_statuses field at all.
-    let Some(hosts) = status.get("host_statuses") else {
-        return Ok(Vec::new());
-    };
-    let hosts = hosts
-        .as_array()
-        .ok_or(AdminError::Shape("host_statuses is not an array"))?;
-    Ok(hosts.iter().filter_map(host_status).collect())
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let found = Document { cluster }
+        .deserialize(&mut de)
+        .map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => AdminError::Shape("not Envoy's /clusters JSON"),
+            _ => AdminError::NotJson(e.to_string()),
+        })?;
+    let hosts = found.ok_or_else(|| AdminError::ClusterMissing(cluster.to_owned()))?;
+    Ok(hosts.into_iter().filter_map(HostJson::status).collect())
 }
 
-fn host_status(host: &Value) -> Option<HostStatus> {
-    let socket = host.get("address")?.get("socket_address")?;
-    let ip = socket.get("address")?.as_str()?;
-    let port = socket.get("port_value")?.as_u64()?;
-    let text = if ip.contains(':') {
-        format!("[{ip}]:{port}")
-    } else {
-        format!("{ip}:{port}")
-    };
-    let address = parse_endpoint(&text).ok()?;
-    let health = host.get("health_status");
-    let flagged = UNHEALTHY_FLAGS
-        .iter()
-        .any(|flag| health.and_then(|h| h.get(*flag)).and_then(Value::as_bool) == Some(true));
-    let eds_unhealthy = health
-        .and_then(|h| h.get("eds_health_status"))
-        .and_then(Value::as_str)
-        .is_some_and(|s| UNHEALTHY_EDS_STATUSES.contains(&s));
-    let removed = health
-        .and_then(|h| h.get("pending_dynamic_removal"))
-        .and_then(Value::as_bool)
-        == Some(true);
-    let weight = host
-        .get("weight")
-        .and_then(Value::as_u64)
-        .map_or(1, |w| u32::try_from(w).unwrap_or(u32::MAX).max(1));
-    Some(HostStatus {
-        address,
-        healthy: !flagged && !eds_unhealthy,
-        removed,
-        weight,
-    })
+/// The top-level object: only `cluster_statuses` is read.
+struct Document<'a> {
+    cluster: &'a str,
+}
+
+impl<'de> DeserializeSeed<'de> for Document<'_> {
+    type Value = Option<Vec<HostJson>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Document<'_> {
+    type Value = Option<Vec<HostJson>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object with cluster_statuses")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        let mut seen = false;
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            if key == "cluster_statuses" {
+                seen = true;
+                found = map.next_value_seed(Clusters {
+                    cluster: self.cluster,
+                })?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        if !seen {
+            return Err(de::Error::custom("no cluster_statuses array"));
+        }
+        Ok(found)
+    }
+}
+
+/// `cluster_statuses`: the watched cluster's hosts, the other clusters skipped.
+struct Clusters<'a> {
+    cluster: &'a str,
+}
+
+impl<'de> DeserializeSeed<'de> for Clusters<'_> {
+    type Value = Option<Vec<HostJson>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Clusters<'_> {
+    type Value = Option<Vec<HostJson>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of cluster statuses")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(hosts) = seq.next_element_seed(OneCluster {
+            cluster: self.cluster,
+        })? {
+            if found.is_none() {
+                found = hosts;
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// One cluster status: `Some(hosts)` when it is the watched cluster.
+struct OneCluster<'a> {
+    cluster: &'a str,
+}
+
+impl<'de> DeserializeSeed<'de> for OneCluster<'_> {
+    type Value = Option<Vec<HostJson>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for OneCluster<'_> {
+    type Value = Option<Vec<HostJson>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a cluster status object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        // Envoy prints `name` before `host_statuses` (protobuf field order); should it not,
+        // the hosts are kept until the name is known.
+        let mut name_matches: Option<bool> = None;
+        let mut hosts: Option<Vec<HostJson>> = None;
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match key.as_ref() {
+                "name" => {
+                    let name = map.next_value::<Cow<'de, str>>()?;
+                    name_matches = Some(name == self.cluster);
+                }
+                "host_statuses" if name_matches != Some(false) => {
+                    hosts = Some(map.next_value()?);
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        // A cluster with no hosts has no host_statuses field at all.
+        Ok((name_matches == Some(true)).then(|| hosts.unwrap_or_default()))
+    }
+}
+
+#[derive(Deserialize)]
+struct HostJson {
+    #[serde(default)]
+    address: Option<AddressJson>,
+    #[serde(default)]
+    health_status: Option<HealthJson>,
+    #[serde(default)]
+    weight: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct AddressJson {
+    #[serde(default)]
+    socket_address: Option<SocketJson>,
+}
+
+#[derive(Deserialize)]
+struct SocketJson {
+    address: String,
+    #[serde(default)]
+    port_value: u64,
+}
+
+#[derive(Deserialize, Default)]
+struct HealthJson {
+    #[serde(default)]
+    failed_active_health_check: bool,
+    #[serde(default)]
+    failed_outlier_check: bool,
+    #[serde(default)]
+    failed_eds_health: bool,
+    #[serde(default)]
+    excluded_via_immediate_hc_fail: bool,
+    #[serde(default)]
+    active_hc_timeout: bool,
+    #[serde(default)]
+    pending_dynamic_removal: bool,
+    #[serde(default)]
+    eds_health_status: Option<String>,
+}
+
+impl HostJson {
+    fn status(self) -> Option<HostStatus> {
+        let socket = self.address?.socket_address?;
+        let text = if socket.address.contains(':') {
+            format!("[{}]:{}", socket.address, socket.port_value)
+        } else {
+            format!("{}:{}", socket.address, socket.port_value)
+        };
+        let address = parse_endpoint(&text).ok()?;
+        let health = self.health_status.unwrap_or_default();
+        // Flags under which Envoy's own load balancers would avoid a host.
+        let flagged = health.failed_active_health_check
+            || health.failed_outlier_check
+            || health.failed_eds_health
+            || health.excluded_via_immediate_hc_fail
+            || health.active_hc_timeout;
+        let eds_unhealthy = health
+            .eds_health_status
+            .as_deref()
+            .is_some_and(|s| UNHEALTHY_EDS_STATUSES.contains(&s));
+        let weight = self
+            .weight
+            .map_or(1, |w| u32::try_from(w).unwrap_or(u32::MAX).max(1));
+        Some(HostStatus {
+            address,
+            healthy: !flagged && !eds_unhealthy,
+            removed: health.pending_dynamic_removal,
+            weight,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -153,6 +299,27 @@ mod tests {
                 ("127.0.0.1:8004", true),
             ]
         );
+    }
+
+    #[test]
+    fn other_clusters_are_skipped_whatever_they_hold() {
+        let body = br#"{"cluster_statuses":[
+          {"name":"odd","host_statuses":"not even an array","extra":[1,{"x":null}]},
+          {"observability_name":"first","name":"pool","host_statuses":[
+            {"address":{"socket_address":{"address":"10.0.0.1","port_value":80}},"weight":2}]},
+          {"name":"pool","host_statuses":[]}
+        ],"other":{"deep":[[[]]]}}"#;
+        let hosts = cluster_hosts(body, "pool").unwrap();
+        assert_eq!(hosts.len(), 1, "the first cluster of that name");
+        assert_eq!(hosts[0].weight, 2);
+        assert!(matches!(
+            cluster_hosts(br#"{"cluster_statuses": 7}"#, "pool"),
+            Err(AdminError::Shape(_))
+        ));
+        assert!(matches!(
+            cluster_hosts(br#"{"cluster_statuses":[{"name":"pool"}"#, "pool"),
+            Err(AdminError::NotJson(_))
+        ));
     }
 
     #[test]
