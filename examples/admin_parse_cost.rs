@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! What the admin poll's parse costs on an Istio-sized `/clusters`: 50 clusters x 100 hosts,
 //! each host with the stats Envoy 1.40 prints. Compares reading the whole answer into a JSON
 //! tree (what the filter did before) with the one-pass reader that only keeps the watched
