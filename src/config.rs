@@ -236,7 +236,7 @@ pub fn parse(bytes: Option<&[u8]>) -> Result<Config, ConfigError> {
 fn from_object(object: &Map<String, Value>) -> Result<Config, ConfigError> {
     if let Some(unknown) = object.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(ConfigError::field(
-            truncate(unknown, 80),
+            truncate(unknown, 40),
             unknown_field_message(unknown, FIELDS),
         ));
     }
@@ -467,7 +467,7 @@ fn prefix_aware_field(value: Option<&Value>) -> Result<PrefixAware, ConfigError>
         .find(|k| !PREFIX_AWARE_FIELDS.contains(&k.as_str()))
     {
         return Err(ConfigError::field(
-            format!("{PREFIX}.{}", truncate(unknown, 80)),
+            format!("{PREFIX}.{}", truncate(unknown, 40)),
             unknown_field_message(unknown, PREFIX_AWARE_FIELDS),
         ));
     }
@@ -512,7 +512,7 @@ fn server_load_field(value: &Value, pool_cluster: &str) -> Result<ServerLoad, Co
         .find(|k| !SERVER_LOAD_FIELDS.contains(&k.as_str()))
     {
         return Err(ConfigError::field(
-            name(&truncate(unknown, 80)),
+            name(&truncate(unknown, 40)),
             unknown_field_message(unknown, SERVER_LOAD_FIELDS),
         ));
     }
@@ -834,7 +834,7 @@ fn unknown_field_message(unknown: &str, known: &[&str]) -> String {
         .filter(|(distance, _)| *distance <= 3);
     match closest {
         Some((_, suggestion)) => format!("unknown field; did you mean \"{suggestion}\"?"),
-        None => format!("unknown field; known fields are {}", known.join(", ")),
+        None => format!("unknown field; known: {}", known.join(", ")),
     }
 }
 
@@ -1175,7 +1175,7 @@ mod tests {
             (
                 r#"{"endpoints": ["1.1.1.1:1"], "strategy": "RANDOM"}"#,
                 "strategy",
-                "known fields are routing_strategy",
+                "known: routing_strategy",
             ),
             (
                 r#"{"endpoints": ["1.1.1.1:1"], "endpont_header": "x"}"#,

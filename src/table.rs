@@ -2,24 +2,31 @@
 //! a request costs one read and one compare-and-swap write whatever the pool size.
 //!
 //! Counts are kept per worker VM ("slot") as well as in total. Totals are what selection reads;
-//! the per-slot rows exist so that the counts of a VM that died holding requests can be taken
-//! back: each slot carries an owner token and a heartbeat, and a slot whose heartbeat is older
-//! than the lease is reaped (its row subtracted from the totals). A request remembers the owner
-//! token it incremented under and only decrements while that token still owns the slot, so a
-//! reaped or re-created table can never be decremented twice.
+//! the per-slot holdings exist so that the counts of a VM that died holding requests can be
+//! taken back: each slot carries an owner token and a heartbeat, and a slot whose heartbeat is
+//! older than the lease is reaped (its holdings subtracted from the totals). A request remembers
+//! the owner token it incremented under and only decrements while that token still owns the
+//! slot, so a reaped or re-created table can never be decremented twice.
+//!
+//! Holdings are sparse: one entry per (slot, endpoint) with requests in flight, not a row per
+//! slot. The value every request copies therefore grows with the endpoints and the requests in
+//! flight, not with endpoints x workers: 1,024 endpoints and 32 workers took 150 KB as rows and
+//! take about 21 KB plus 8 bytes per busy (slot, endpoint) now.
 //!
 //! Layout (little endian):
 //! ```text
-//! 0   magic "MLB1"
+//! 0   magic "MLB2"
 //! 4   endpoint count   u16
 //! 6   slot count       u16
 //! 8   membership token u64   names the key holding the endpoint addresses
 //! 16  leader owner     u64   0 = none; the leader reaps slots and publishes gauges
 //! 24  leader expiry    u64   ms since the epoch
-//! 32  slots            slot count × (owner u64, heartbeat ms u64); owner 0 = free
+//! 32  holding count    u32
+//! 36  reserved         u32
+//! 40  slots            slot count × (owner u64, heartbeat ms u64); owner 0 = free
 //! ..  totals           endpoint count × u32
 //! ..  health           endpoint count × 16 bytes (see `health::Health`)
-//! ..  rows             slot count × endpoint count × u32
+//! ..  holdings         holding count × (slot u16, endpoint u16, count u32), sorted, count > 0
 //! ```
 
 use std::fmt;
@@ -27,13 +34,14 @@ use std::fmt;
 use crate::health::{Health, HEALTH_LEN};
 use crate::select::Loads;
 
-const MAGIC: &[u8; 4] = b"MLB1";
-const HEADER_LEN: usize = 32;
+const MAGIC: &[u8; 4] = b"MLB2";
+const HEADER_LEN: usize = 40;
 const SLOT_LEN: usize = 16;
 const COUNT_LEN: usize = 4;
-/// Envoy runs one VM per worker thread plus one on the main thread; 256 leaves room for the
-/// largest machines and for VMs of an old config that are still draining.
-pub const MAX_SLOTS: usize = 256;
+const HOLDING_LEN: usize = 8;
+/// Envoy runs one VM per worker thread plus one on the main thread, and a listener update adds
+/// a VM per worker until the old one drains; free slots are reused and trailing ones dropped.
+pub const MAX_SLOTS: usize = 1_024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TableError {
@@ -75,11 +83,12 @@ pub struct Table {
     bytes: Vec<u8>,
     endpoints: usize,
     slots: usize,
+    holdings: usize,
 }
 
 impl Table {
     pub fn new(membership_token: u64, endpoints: usize) -> Self {
-        let mut bytes = vec![0u8; Self::size(endpoints, 0)];
+        let mut bytes = vec![0u8; Self::size(endpoints, 0, 0)];
         bytes[..4].copy_from_slice(MAGIC);
         bytes[4..6].copy_from_slice(&(endpoints as u16).to_le_bytes());
         bytes[8..16].copy_from_slice(&membership_token.to_le_bytes());
@@ -87,6 +96,7 @@ impl Table {
             bytes,
             endpoints,
             slots: 0,
+            holdings: 0,
         }
     }
 
@@ -96,21 +106,26 @@ impl Table {
         }
         let endpoints = usize::from(u16::from_le_bytes([bytes[4], bytes[5]]));
         let slots = usize::from(u16::from_le_bytes([bytes[6], bytes[7]]));
+        let holdings = u32::from_le_bytes([bytes[32], bytes[33], bytes[34], bytes[35]]) as usize;
         if slots > MAX_SLOTS {
             return Err(TableError::Malformed("too many slots"));
         }
-        if bytes.len() != Self::size(endpoints, slots) {
+        if bytes.len() != Self::size(endpoints, slots, holdings) {
             return Err(TableError::Malformed("length does not match counts"));
         }
         Ok(Self {
             bytes,
             endpoints,
             slots,
+            holdings,
         })
     }
 
-    fn size(endpoints: usize, slots: usize) -> usize {
-        HEADER_LEN + slots * SLOT_LEN + endpoints * (COUNT_LEN * (1 + slots) + HEALTH_LEN)
+    fn size(endpoints: usize, slots: usize, holdings: usize) -> usize {
+        HEADER_LEN
+            + slots * SLOT_LEN
+            + endpoints * (COUNT_LEN + HEALTH_LEN)
+            + holdings * HOLDING_LEN
     }
 
     pub fn as_bytes(&self) -> &[u8] {
@@ -123,6 +138,11 @@ impl Table {
 
     pub fn slot_count(&self) -> usize {
         self.slots
+    }
+
+    /// (slot, endpoint) pairs with requests in flight.
+    pub fn holding_count(&self) -> usize {
+        self.holdings
     }
 
     pub fn membership_token(&self) -> u64 {
@@ -177,8 +197,12 @@ impl Table {
         self.read_u64(HEADER_LEN + slot * SLOT_LEN + 8)
     }
 
+    /// Requests `slot` has in flight on `endpoint`.
     pub fn row_count(&self, slot: usize, endpoint: usize) -> u32 {
-        self.read_u32(self.row_offset(slot, endpoint))
+        match self.find(slot, endpoint) {
+            Ok(i) => self.holding(i).2,
+            Err(_) => 0,
+        }
     }
 
     /// Gives `owner` a slot: a free one if any, else a new one at the end.
@@ -195,13 +219,31 @@ impl Table {
 
     fn append_slot(&mut self) -> usize {
         let slot = self.slots;
-        let header_end = HEADER_LEN + slot * SLOT_LEN;
-        self.bytes.splice(header_end..header_end, [0u8; SLOT_LEN]);
-        self.bytes
-            .resize(self.bytes.len() + self.endpoints * COUNT_LEN, 0);
+        let at = HEADER_LEN + slot * SLOT_LEN;
+        self.bytes.splice(at..at, [0u8; SLOT_LEN]);
         self.slots += 1;
         self.bytes[6..8].copy_from_slice(&(self.slots as u16).to_le_bytes());
         slot
+    }
+
+    /// Drops free slots at the end of the slot list (left by VMs that stopped, e.g. after a
+    /// listener update), so the slot list shrinks back instead of only ever growing.
+    fn compact_slots(&mut self) {
+        let mut keep = self.slots;
+        while keep > 0 && self.slot_owner(keep - 1) == 0 && !self.slot_has_holdings(keep - 1) {
+            keep -= 1;
+        }
+        if keep < self.slots {
+            self.bytes
+                .drain(HEADER_LEN + keep * SLOT_LEN..HEADER_LEN + self.slots * SLOT_LEN);
+            self.slots = keep;
+            self.bytes[6..8].copy_from_slice(&(self.slots as u16).to_le_bytes());
+        }
+    }
+
+    fn slot_has_holdings(&self, slot: usize) -> bool {
+        let (start, end) = self.slot_range(slot);
+        start < end
     }
 
     pub fn heartbeat(&mut self, slot: usize, now_ms: u64) {
@@ -211,23 +253,31 @@ impl Table {
     /// Counts one more request on `endpoint` for `slot`. Saturates rather than wraps: four
     /// billion in-flight requests means a bug, and wrapping would make the endpoint look idle.
     pub fn increment(&mut self, slot: usize, endpoint: usize) {
-        let row = self.row_offset(slot, endpoint);
+        match self.find(slot, endpoint) {
+            Ok(i) => {
+                let count = self.holding(i).2.saturating_add(1);
+                self.set_holding_count(i, count);
+            }
+            Err(i) => self.insert_holding(i, slot, endpoint, 1),
+        }
         let total = self.totals_offset() + endpoint * COUNT_LEN;
-        let row_value = self.read_u32(row).saturating_add(1);
         let total_value = self.read_u32(total).saturating_add(1);
-        self.write_u32(row, row_value);
         self.write_u32(total, total_value);
     }
 
     pub fn decrement(&mut self, slot: usize, endpoint: usize) -> Decrement {
-        let row = self.row_offset(slot, endpoint);
-        let total = self.totals_offset() + endpoint * COUNT_LEN;
-        let (row_value, total_value) = (self.read_u32(row), self.read_u32(total));
-        if row_value == 0 {
+        let Ok(i) = self.find(slot, endpoint) else {
             // This slot holds nothing here: the total belongs to other slots, leave it alone.
             return Decrement::ClampedAtZero;
+        };
+        let held = self.holding(i).2;
+        if held <= 1 {
+            self.remove_holdings(i, i + 1);
+        } else {
+            self.set_holding_count(i, held - 1);
         }
-        self.write_u32(row, row_value - 1);
+        let total = self.totals_offset() + endpoint * COUNT_LEN;
+        let total_value = self.read_u32(total);
         if total_value == 0 {
             return Decrement::ClampedAtZero;
         }
@@ -246,23 +296,23 @@ impl Table {
                 continue;
             }
             reaped.slots += 1;
-            for endpoint in 0..self.endpoints {
-                let row = self.row_offset(slot, endpoint);
-                let held = self.read_u32(row);
-                if held == 0 {
-                    continue;
-                }
+            let (start, end) = self.slot_range(slot);
+            for i in start..end {
+                let (_, endpoint, held) = self.holding(i);
                 let total = self.totals_offset() + endpoint * COUNT_LEN;
                 let total_value = self.read_u32(total);
                 if total_value < held {
                     reaped.corrections += u64::from(held - total_value);
                 }
                 self.write_u32(total, total_value.saturating_sub(held));
-                self.write_u32(row, 0);
                 reaped.requests += u64::from(held);
             }
+            self.remove_holdings(start, end);
             self.write_u64(HEADER_LEN + slot * SLOT_LEN, 0);
             self.write_u64(HEADER_LEN + slot * SLOT_LEN + 8, 0);
+        }
+        if reaped.slots > 0 {
+            self.compact_slots();
         }
         reaped
     }
@@ -280,20 +330,32 @@ impl Table {
         for _ in 0..self.slots {
             next.append_slot();
         }
-        next.bytes[16..HEADER_LEN + self.slots * SLOT_LEN]
-            .copy_from_slice(&self.bytes[16..HEADER_LEN + self.slots * SLOT_LEN]);
-        for (old, new) in old_to_new.iter().enumerate().take(self.endpoints) {
-            let Some(new) = *new else { continue };
-            if new >= endpoints {
-                continue;
-            }
+        next.bytes[16..32].copy_from_slice(&self.bytes[16..32]);
+        next.bytes[HEADER_LEN..HEADER_LEN + self.slots * SLOT_LEN]
+            .copy_from_slice(&self.bytes[HEADER_LEN..HEADER_LEN + self.slots * SLOT_LEN]);
+        let new_of = |old: usize| {
+            old_to_new
+                .get(old)
+                .copied()
+                .flatten()
+                .filter(|&new| new < endpoints)
+        };
+        for old in 0..self.endpoints {
+            let Some(new) = new_of(old) else { continue };
             let total = next.totals_offset() + new * COUNT_LEN;
             next.write_u32(total, self.total(old));
             next.set_health(new, &self.health(old));
-            for slot in 0..self.slots {
-                let row = next.row_offset(slot, new);
-                next.write_u32(row, self.row_count(slot, old));
-            }
+        }
+        let mut holdings: Vec<(usize, usize, u32)> = (0..self.holdings)
+            .filter_map(|i| {
+                let (slot, old, count) = self.holding(i);
+                new_of(old).map(|new| (slot, new, count))
+            })
+            .collect();
+        holdings.sort_unstable();
+        for (slot, endpoint, count) in holdings {
+            let at = next.holdings;
+            next.insert_holding(at, slot, endpoint, count);
         }
         next
     }
@@ -306,11 +368,69 @@ impl Table {
         self.totals_offset() + self.endpoints * COUNT_LEN + endpoint * HEALTH_LEN
     }
 
-    fn row_offset(&self, slot: usize, endpoint: usize) -> usize {
-        self.totals_offset()
-            + self.endpoints * (COUNT_LEN + HEALTH_LEN)
-            + slot * self.endpoints * COUNT_LEN
-            + endpoint * COUNT_LEN
+    fn holdings_offset(&self) -> usize {
+        self.totals_offset() + self.endpoints * (COUNT_LEN + HEALTH_LEN)
+    }
+
+    fn holding(&self, i: usize) -> (usize, usize, u32) {
+        let at = self.holdings_offset() + i * HOLDING_LEN;
+        let slot = usize::from(u16::from_le_bytes([self.bytes[at], self.bytes[at + 1]]));
+        let endpoint = usize::from(u16::from_le_bytes([self.bytes[at + 2], self.bytes[at + 3]]));
+        (slot, endpoint, self.read_u32(at + 4))
+    }
+
+    fn set_holding_count(&mut self, i: usize, count: u32) {
+        let at = self.holdings_offset() + i * HOLDING_LEN + 4;
+        self.write_u32(at, count);
+    }
+
+    /// The index of (slot, endpoint) among the sorted holdings, or where it would go.
+    fn find(&self, slot: usize, endpoint: usize) -> Result<usize, usize> {
+        let (mut low, mut high) = (0, self.holdings);
+        while low < high {
+            let mid = (low + high) / 2;
+            let (s, e, _) = self.holding(mid);
+            match (s, e).cmp(&(slot, endpoint)) {
+                std::cmp::Ordering::Less => low = mid + 1,
+                std::cmp::Ordering::Greater => high = mid,
+                std::cmp::Ordering::Equal => return Ok(mid),
+            }
+        }
+        Err(low)
+    }
+
+    /// The holdings of `slot`: contiguous, since they sort by slot first.
+    fn slot_range(&self, slot: usize) -> (usize, usize) {
+        let start = self.find(slot, 0).unwrap_or_else(|i| i);
+        let end = self.find(slot + 1, 0).unwrap_or_else(|i| i);
+        (start, end)
+    }
+
+    fn insert_holding(&mut self, i: usize, slot: usize, endpoint: usize, count: u32) {
+        let at = self.holdings_offset() + i * HOLDING_LEN;
+        let mut entry = [0u8; HOLDING_LEN];
+        entry[..2].copy_from_slice(&(slot as u16).to_le_bytes());
+        entry[2..4].copy_from_slice(&(endpoint as u16).to_le_bytes());
+        entry[4..].copy_from_slice(&count.to_le_bytes());
+        self.bytes.splice(at..at, entry);
+        self.holdings += 1;
+        self.write_holding_count();
+    }
+
+    fn remove_holdings(&mut self, start: usize, end: usize) {
+        if start >= end {
+            return;
+        }
+        let base = self.holdings_offset();
+        self.bytes
+            .drain(base + start * HOLDING_LEN..base + end * HOLDING_LEN);
+        self.holdings -= end - start;
+        self.write_holding_count();
+    }
+
+    fn write_holding_count(&mut self) {
+        let count = self.holdings as u32;
+        self.write_u32(32, count);
     }
 
     fn read_u32(&self, at: usize) -> u32 {
@@ -443,12 +563,55 @@ mod tests {
     fn counts_saturate_instead_of_wrapping() {
         let mut table = Table::new(1, 1);
         let s = table.claim_slot(1, 0).unwrap();
-        let row = table.row_offset(s, 0);
-        table.write_u32(row, u32::MAX);
+        table.increment(s, 0);
+        table.set_holding_count(0, u32::MAX);
         let total = table.totals_offset();
         table.write_u32(total, u32::MAX);
         table.increment(s, 0);
         assert_eq!(table.total(0), u32::MAX);
+        assert_eq!(table.row_count(s, 0), u32::MAX);
+    }
+
+    #[test]
+    fn the_value_grows_with_requests_in_flight_not_with_endpoints_times_workers() {
+        let mut table = Table::new(1, 1_024);
+        let slots: Vec<usize> = (1..=32).map(|o| table.claim_slot(o, 0).unwrap()).collect();
+        let idle = table.as_bytes().len();
+        assert!(idle < 22_000, "{idle} bytes idle");
+        for (i, &slot) in slots.iter().enumerate() {
+            for k in 0..10 {
+                table.increment(slot, (i * 31 + k * 97) % 1_024);
+            }
+        }
+        assert_eq!(table.in_flight(), 320);
+        assert!(table.as_bytes().len() <= idle + 320 * HOLDING_LEN);
+        // Every decrement undoes exactly its increment; the holdings vanish with the requests.
+        for (i, &slot) in slots.iter().enumerate() {
+            for k in 0..10 {
+                assert_eq!(
+                    table.decrement(slot, (i * 31 + k * 97) % 1_024),
+                    Decrement::Applied
+                );
+            }
+        }
+        assert_eq!(table.holding_count(), 0);
+        assert_eq!(table.as_bytes().len(), idle);
+        assert_eq!(reparse(&table), table);
+    }
+
+    #[test]
+    fn reaped_trailing_slots_are_compacted_away() {
+        let mut table = Table::new(1, 2);
+        let keep = table.claim_slot(1, 0).unwrap();
+        let gone = table.claim_slot(2, 0).unwrap();
+        table.increment(gone, 1);
+        table.heartbeat(keep, 20_000);
+        let reaped = table.reap_expired(20_000, 10_000);
+        assert_eq!((reaped.slots, reaped.requests), (1, 1));
+        assert_eq!(table.slot_count(), 1);
+        assert_eq!(table.slot_owner(keep), 1);
+        assert_eq!(table.totals(), vec![0, 0]);
+        assert_eq!(reparse(&table), table);
     }
 
     #[test]

@@ -63,6 +63,7 @@ impl TrackerError {
         match self {
             Self::Store(_) => "host_error",
             Self::Contention => "contention",
+            Self::Table(TableError::SlotsExhausted) => "slots_exhausted",
             Self::Table(_) | Self::Membership(_) => "bad_shared_state",
             Self::NoEligibleEndpoint => "no_eligible_endpoint",
         }

@@ -9,6 +9,7 @@ use crate::config::Config;
 use crate::membership::Membership;
 use crate::prefix::{Key, KeySource, NoKey};
 use crate::select::PrefixChoice;
+use crate::table::TableError;
 use crate::tracker::{EndpointEstimate, Events, Routed, TrackerError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,10 +23,12 @@ pub enum FailOpen {
     /// `PREFIX_AWARE` without the hold filter after this one: the headers were gone to the
     /// router before the body gave its key.
     NoHoldFilter,
+    /// Every worker slot of the shared table is owned by a live VM.
+    SlotsExhausted,
 }
 
 impl FailOpen {
-    const ALL: [FailOpen; 7] = [
+    const ALL: [FailOpen; 8] = [
         Self::HostError,
         Self::Contention,
         Self::BadSharedState,
@@ -33,6 +36,7 @@ impl FailOpen {
         Self::HeaderWrite,
         Self::Reentered,
         Self::NoHoldFilter,
+        Self::SlotsExhausted,
     ];
 
     fn name(self) -> &'static str {
@@ -44,6 +48,7 @@ impl FailOpen {
             Self::HeaderWrite => "header_write",
             Self::Reentered => "reentered",
             Self::NoHoldFilter => "no_hold_filter",
+            Self::SlotsExhausted => "slots_exhausted",
         }
     }
 }
@@ -53,6 +58,7 @@ impl From<&TrackerError> for FailOpen {
         match e {
             TrackerError::Store(_) => Self::HostError,
             TrackerError::Contention => Self::Contention,
+            TrackerError::Table(TableError::SlotsExhausted) => Self::SlotsExhausted,
             TrackerError::Table(_) | TrackerError::Membership(_) => Self::BadSharedState,
             TrackerError::NoEligibleEndpoint => Self::NoEligibleEndpoint,
         }
