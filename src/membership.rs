@@ -10,6 +10,11 @@ use crate::prefix::endpoint_hash;
 use crate::select::Selection;
 
 const MAGIC: &str = "MLBM1";
+const LOG_MAGIC: &str = "MLBL1";
+/// Memberships kept in the log. A reader looks a token up right after reading the table that
+/// names it, so only the current one is ever needed; the older ones cover a reader that lost a
+/// race with a few changes in a row.
+pub const LOG_KEPT: usize = 8;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Membership {
@@ -50,9 +55,11 @@ impl Membership {
         &self.hashes
     }
 
-    /// The shared-data key holding the membership `token` names.
-    pub fn key(key_prefix: &str, token: u64) -> String {
-        format!("{key_prefix}members.{token:016x}")
+    /// The shared-data key of the pool's membership log: the most recent memberships, newest
+    /// first, in one value. One key per pool, whatever the number of membership changes
+    /// (proxy-wasm cannot delete a key, so one key per membership would grow for ever).
+    pub fn log_key(key_prefix: &str) -> String {
+        format!("{key_prefix}members")
     }
 
     pub fn token(&self) -> u64 {
@@ -108,6 +115,73 @@ impl Membership {
         Ok(membership)
     }
 
+    /// The membership `token` from a log value.
+    pub fn from_log(log: &[u8], token: u64) -> Result<Self, MalformedMembership> {
+        let text = std::str::from_utf8(log).map_err(|_| MalformedMembership)?;
+        let mut lines = text.split('\n');
+        if lines.next() != Some(LOG_MAGIC) {
+            return Err(MalformedMembership);
+        }
+        let wanted = format!("@{token:016x}");
+        let mut lines = lines.skip_while(|line| *line != wanted);
+        if lines.next().is_none() {
+            return Err(MalformedMembership);
+        }
+        let endpoints: Vec<String> = lines
+            .take_while(|line| !line.starts_with('@'))
+            .map(str::to_owned)
+            .collect();
+        if endpoints.iter().any(String::is_empty) {
+            return Err(MalformedMembership);
+        }
+        let membership = Self::new(token, endpoints);
+        if membership.positions.len() != membership.endpoints.len() {
+            return Err(MalformedMembership);
+        }
+        Ok(membership)
+    }
+
+    /// A log value with this membership first, then up to `LOG_KEPT - 1` of `log`'s newest.
+    pub fn prepend_to_log(&self, log: Option<&[u8]>) -> Vec<u8> {
+        let mut text = String::from(LOG_MAGIC);
+        text.push_str(&format!("\n@{:016x}", self.token));
+        for endpoint in &self.endpoints {
+            text.push('\n');
+            text.push_str(endpoint);
+        }
+        let previous = log
+            .and_then(|l| std::str::from_utf8(l).ok())
+            .and_then(|l| l.strip_prefix(LOG_MAGIC));
+        if let Some(previous) = previous {
+            let mut kept = 1;
+            let own = format!("@{:016x}", self.token);
+            let mut skipping = false;
+            for line in previous.split('\n').skip(1) {
+                if line.starts_with('@') {
+                    skipping = line == own;
+                    if !skipping {
+                        kept += 1;
+                    }
+                }
+                if kept > LOG_KEPT {
+                    break;
+                }
+                if !skipping {
+                    text.push('\n');
+                    text.push_str(line);
+                }
+            }
+        }
+        text.into_bytes()
+    }
+
+    /// How many memberships a log value holds.
+    pub fn log_len(log: &[u8]) -> usize {
+        log.split(|&b| b == b'\n')
+            .filter(|l| l.first() == Some(&b'@'))
+            .count()
+    }
+
     /// `old → new` column mapping used to carry counts over to this membership.
     pub fn mapping_from(&self, old: &Membership) -> Vec<Option<usize>> {
         old.endpoints.iter().map(|e| self.position(e)).collect()
@@ -146,9 +220,42 @@ mod tests {
         let m = pool(&["10.0.0.1:80", "[fd00::1]:81"]);
         assert_eq!(Membership::decode(9, &m.encode()).unwrap(), m);
         assert_eq!(
-            Membership::key("model_lb.v1.c.", 0xab),
-            "model_lb.v1.c.members.00000000000000ab"
+            Membership::log_key("model_lb.v2.c."),
+            "model_lb.v2.c.members"
         );
+    }
+
+    #[test]
+    fn the_log_keeps_the_newest_memberships_in_one_bounded_value() {
+        let mut log: Option<Vec<u8>> = None;
+        let mut sizes = Vec::new();
+        for token in 1..=100u64 {
+            let m = Membership::new(
+                token,
+                (0..3).map(|i| format!("10.0.{token}.{i}:80")).collect(),
+            );
+            let next = m.prepend_to_log(log.as_deref());
+            sizes.push(next.len());
+            log = Some(next);
+            let log = log.as_deref().unwrap();
+            assert_eq!(Membership::from_log(log, token).unwrap(), m);
+            assert_eq!(Membership::log_len(log), (token as usize).min(LOG_KEPT));
+        }
+        let log = log.unwrap();
+        // The newest LOG_KEPT are there, the older ones are gone.
+        assert!(Membership::from_log(&log, 100 - LOG_KEPT as u64 + 1).is_ok());
+        assert!(Membership::from_log(&log, 100 - LOG_KEPT as u64).is_err());
+        assert!(sizes[99] <= sizes[20] + 16, "{sizes:?}");
+        // Writing the same membership again does not duplicate it.
+        let again = Membership::new(100, (0..3).map(|i| format!("10.0.100.{i}:80")).collect());
+        assert_eq!(
+            Membership::log_len(&again.prepend_to_log(Some(&log))),
+            LOG_KEPT
+        );
+        // An empty pool is a valid entry.
+        let empty = Membership::new(7, vec![]).prepend_to_log(None);
+        assert_eq!(Membership::from_log(&empty, 7).unwrap().len(), 0);
+        assert!(Membership::from_log(b"garbage", 7).is_err());
     }
 
     #[test]

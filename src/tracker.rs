@@ -149,6 +149,8 @@ pub struct Housekeeping {
     pub loads: Option<Vec<u32>>,
     /// Per-endpoint routability (healthy and not ejected), also for the leader's gauges.
     pub eligible: Option<Vec<bool>>,
+    /// Bytes the pool holds in shared data (table, membership log, load record); leader only.
+    pub shared_bytes: Option<usize>,
 }
 
 /// Things that happened since the last [`PoolTracker::take_events`], for stats.
@@ -265,7 +267,9 @@ impl PoolTracker {
         seed: u64,
         now_ms: u64,
     ) -> Self {
-        let key_prefix = format!("model_lb.v1.{cluster}.");
+        // v2: the table layout and the membership log changed; a filter of an older version
+        // running in the same VM during an upgrade keeps its own keys.
+        let key_prefix = format!("model_lb.v2.{cluster}.");
         let mut ids = SplitMix64::new(seed);
         let leader_id = nonzero(&mut ids);
         Self {
@@ -483,9 +487,21 @@ impl PoolTracker {
         endpoints: Vec<String>,
     ) -> Result<Membership, TrackerError> {
         let membership = Membership::new(nonzero(&mut self.ids), endpoints);
-        let key = Membership::key(&self.key_prefix, membership.token());
-        store.set(&key, &membership.encode(), 0)?;
-        Ok(membership)
+        let key = Membership::log_key(&self.key_prefix);
+        for attempt in 0..INSTALL_ATTEMPTS {
+            let current = store.get(&key)?;
+            let log =
+                membership.prepend_to_log(current.as_ref().map(|(bytes, _)| bytes.as_slice()));
+            // A missing key is created whatever the CAS value; an existing one only if nobody
+            // wrote it since we read it, so no writer drops another's membership.
+            let cas = current.map_or(0, |(_, cas)| cas);
+            match store.set(&key, &log, cas) {
+                Ok(()) => return Ok(membership),
+                Err(StoreError::CasMismatch) => self.lost_race(attempt),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(TrackerError::Contention)
     }
 
     fn load_membership<S: SharedStore>(
@@ -496,11 +512,11 @@ impl PoolTracker {
         if token == self.membership.token() {
             return Ok(Rc::clone(&self.membership));
         }
-        let key = Membership::key(&self.key_prefix, token);
+        let key = Membership::log_key(&self.key_prefix);
         let Some((bytes, _)) = store.get(&key)? else {
             return Err(MalformedMembership.into());
         };
-        Ok(Rc::new(Membership::decode(token, &bytes)?))
+        Ok(Rc::new(Membership::from_log(&bytes, token)?))
     }
 
     fn adopt(&mut self, membership: Rc<Membership>) {
@@ -948,9 +964,22 @@ impl PoolTracker {
             self.events.reaped_slots += u64::from(reaped.slots);
             self.events.reclaimed_requests += reaped.requests;
             self.events.corrections += reaped.corrections;
+            let shared_bytes = lead.then(|| {
+                let size = |key: &str| {
+                    store
+                        .get(key)
+                        .ok()
+                        .flatten()
+                        .map_or(0, |(bytes, _)| bytes.len())
+                };
+                table.as_bytes().len()
+                    + size(&Membership::log_key(&self.key_prefix))
+                    + size(&self.load_record_key())
+            });
             return Ok(Housekeeping {
                 leader: lead,
                 reaped,
+                shared_bytes,
                 loads: lead.then(|| table.totals()),
                 eligible: lead.then(|| {
                     (0..table.endpoint_count())

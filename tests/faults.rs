@@ -680,38 +680,6 @@ fn absurd_and_repeated_routing_headers_are_neutralised() {
 
 /// `model_servers` as an EDS cluster fed from a file, with the filter following its membership
 /// through the admin API.
-fn eds_config(eds_path: &std::path::Path) -> EnvoyConfig {
-    let shipped = EnvoyConfig::shipped().plugin_config(
-        r#"{"cluster": "model_servers", "follow_membership": true, "admin_cluster": "model_lb_admin", "admin_poll_interval_ms": 200, "housekeeping_interval_ms": 200}"#,
-    );
-    let yaml = shipped.yaml();
-    let start = yaml.find("  - name: model_servers\n").unwrap();
-    let end = yaml[start..].find("    # The override_host").unwrap() + start;
-    let eds = format!(
-        "  - name: model_servers\n    type: EDS\n    connect_timeout: 1s\n    eds_cluster_config:\n      eds_config:\n        resource_api_version: V3\n        path_config_source: {{ path: {} }}\n",
-        eds_path.display()
-    );
-    let yaml = format!(
-        "node: {{ id: model-lb-test, cluster: model-lb-test }}\n{}{eds}{}",
-        &yaml[..start],
-        &yaml[end..]
-    );
-    EnvoyConfig::from_yaml(yaml)
-}
-
-fn write_eds(path: &std::path::Path, ports: &[u16]) {
-    let endpoints: String = ports
-        .iter()
-        .map(|p| format!("    - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {p} }} }} }}\n"))
-        .collect();
-    let body = format!(
-        "resources:\n- \"@type\": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment\n  cluster_name: model_servers\n  endpoints:\n  - lb_endpoints:\n{endpoints}"
-    );
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, body).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 #[test]
 fn a_followed_cluster_membership_adds_and_removes_endpoints_live() {
     let backends: Vec<Backend> = (0..3).map(|_| Backend::start()).collect();

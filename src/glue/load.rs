@@ -221,7 +221,6 @@ impl Root {
         let Ok(mut tracker) = filter.tracker.try_borrow_mut() else {
             return;
         };
-        let index = tracker.membership().position(&address);
         let result = result.and_then(|report| {
             // The count at this instant is what the server's report includes of ours.
             match tracker.local_count(&HostStore, &address) {
@@ -236,14 +235,15 @@ impl Root {
                 self.load.last_error.remove(&address);
             }
             Err(why) => {
-                self.load.last_error.insert(address, why.to_string());
+                self.load
+                    .last_error
+                    .insert(address.clone(), why.to_string());
             }
         }
         drop(tracker);
-        if let Some(index) = index {
-            if let Ok(mut stats) = filter.stats.try_borrow_mut() {
-                stats.load_report(index, ok);
-            }
+        let stats = filter.stats.try_borrow_mut();
+        if let Ok(mut stats) = stats {
+            stats.load_report(&address, ok);
         }
     }
 }

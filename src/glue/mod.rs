@@ -422,6 +422,7 @@ impl Filter {
         match result {
             Ok(report) => {
                 leader = report.leader;
+                stats.footprint(report.shared_bytes);
                 if report.reaped.slots > 0 {
                     log::warn!(
                         "model-lb: cluster \"{}\": reclaimed {} from {} that stopped \
@@ -465,7 +466,12 @@ impl Filter {
                 ejection.failures
             );
         }
-        stats.flush(&events, &self.config.cluster, tracker.pending_releases());
+        stats.flush(
+            tracker.membership(),
+            &events,
+            &self.config.cluster,
+            tracker.pending_releases(),
+        );
         leader
     }
 

@@ -2,6 +2,7 @@
 //! Envoy on the housekeeping tick, so a request costs no metric host calls. Gauges of in-flight
 //! requests are published by the one VM holding the leader lease, from the shared table.
 
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use super::host;
@@ -102,6 +103,23 @@ struct EndpointMetrics {
     load_stale: Metric,
 }
 
+/// Per-endpoint metrics are defined for at most this many addresses per VM: Envoy never frees
+/// a metric, and weeks of membership churn could otherwise grow them without bound.
+const MAX_DEFINED_ENDPOINTS: usize = 4 * crate::config::MAX_ENDPOINTS;
+
+impl EndpointMetrics {
+    const NONE: Self = Self {
+        routed: None,
+        in_flight: None,
+        eligible: None,
+        estimated: None,
+        weight: None,
+        load_reports: None,
+        load_report_errors: None,
+        load_stale: None,
+    };
+}
+
 /// `PREFIX_AWARE`'s decisions.
 struct PrefixMetrics {
     routed: Metric,
@@ -161,20 +179,30 @@ pub struct Stats {
     unhonoured: Metric,
     excused: Metric,
     not_in_cluster: Metric,
+    shared_data_bytes: Metric,
+    vm_memory_bytes: Metric,
     server_load: Option<ServerLoadMetrics>,
     /// Envoy's endpoint weights are read (`admin_cluster` is set).
     weights: bool,
     prefix_routing: Option<PrefixMetrics>,
     prefix_delta: PrefixDeltas,
-    endpoints: Vec<EndpointMetrics>,
+    /// Per-endpoint metrics by address, defined once per address for the VM's lifetime (Envoy
+    /// never frees a metric), off the request path, and at most `MAX_DEFINED_ENDPOINTS`.
+    defined: HashMap<String, Rc<EndpointMetrics>>,
+    /// `defined` entries of the current membership, by position.
+    endpoints: Vec<Rc<EndpointMetrics>>,
     endpoints_token: u64,
+    /// Decisions counted for endpoints of a membership newer than `endpoints` (the request
+    /// path never defines metrics; the next tick does).
+    routed_carry: HashMap<String, u64>,
+    defined_capped: bool,
     decisions_delta: u64,
     unhonoured_delta: u64,
     excused_delta: u64,
     fail_open_delta: [u64; FailOpen::ALL.len()],
     routed_delta: Vec<u64>,
-    /// Per endpoint: (reports, errors) since the last flush.
-    report_delta: Vec<(u64, u64)>,
+    /// Per endpoint address: (reports, errors) since the last flush.
+    report_delta: HashMap<String, (u64, u64)>,
     response_reports_delta: u64,
     /// This VM's contribution to the shared pending-releases gauge, which sums all VMs.
     pending_published: u64,
@@ -219,6 +247,8 @@ impl Stats {
             unhonoured: counter(&name("unhonoured_decisions")),
             excused: counter(&name("excused_failures")),
             not_in_cluster: gauge(&name("endpoints_not_in_cluster")),
+            shared_data_bytes: gauge(&name("shared_data_bytes")),
+            vm_memory_bytes: gauge(&name("vm_memory_bytes")),
             server_load: config.server_load.as_ref().map(|_| ServerLoadMetrics {
                 reports: counter(&name("server_load.reports")),
                 report_errors: counter(&name("server_load.report_errors")),
@@ -235,14 +265,17 @@ impl Stats {
                 body_bytes_read: counter(&name("prefix.body_bytes_read")),
             }),
             prefix_delta: PrefixDeltas::default(),
+            defined: HashMap::new(),
             endpoints: Vec::new(),
             endpoints_token: 0,
+            routed_carry: HashMap::new(),
+            defined_capped: false,
             decisions_delta: 0,
             unhonoured_delta: 0,
             excused_delta: 0,
             fail_open_delta: [0; FailOpen::ALL.len()],
             routed_delta: Vec::new(),
-            report_delta: Vec::new(),
+            report_delta: HashMap::new(),
             response_reports_delta: 0,
             pending_published: 0,
             prefix,
@@ -251,56 +284,68 @@ impl Stats {
         stats
     }
 
-    /// Re-targets the per-endpoint stats at a new membership, flushing what was counted for the
-    /// old one first and zeroing the gauges of endpoints that left.
+    /// Re-targets the per-endpoint stats at a new membership (at a tick, never on the request
+    /// path), zeroing the gauges of endpoints that left.
     fn follow(&mut self, membership: &Rc<Membership>) {
         if membership.token() == self.endpoints_token && !self.endpoints.is_empty() {
             return;
         }
         self.flush_routed();
-        self.flush_reports();
         for old in &self.endpoints {
             set(old.in_flight, 0);
             set(old.eligible, 0);
             set(old.estimated, 0);
             set(old.load_stale, 0);
         }
-        let with_load = self.server_load.is_some();
-        let with_weights = self.weights;
-        let prefix = &self.prefix;
-        let endpoint_metric = |address: &str, suffix: &str, define: fn(&str) -> Metric| {
-            if with_load {
-                define(&format!("{prefix}endpoint.{address}.{suffix}"))
-            } else {
-                None
-            }
-        };
         self.endpoints = membership
             .endpoints()
             .iter()
-            .map(|address| EndpointMetrics {
-                routed: counter(&format!("{prefix}endpoint.{address}.routed")),
-                in_flight: gauge(&format!("{prefix}endpoint.{address}.in_flight")),
-                eligible: gauge(&format!("{prefix}endpoint.{address}.eligible")),
-                estimated: endpoint_metric(address, "estimated_in_flight", gauge),
-                weight: if with_weights {
-                    gauge(&format!("{prefix}endpoint.{address}.weight"))
-                } else {
-                    None
-                },
-                load_reports: endpoint_metric(address, "load_reports", counter),
-                load_report_errors: endpoint_metric(address, "load_report_errors", counter),
-                load_stale: endpoint_metric(address, "load_stale", gauge),
-            })
+            .map(|address| self.metrics_for(address))
             .collect();
-        self.report_delta = vec![(0, 0); membership.len()];
         self.routed_delta = vec![0; membership.len()];
         self.endpoints_token = membership.token();
         set(self.endpoint_count, membership.len() as u64);
     }
 
+    /// The metrics of `address`, defined on first use.
+    fn metrics_for(&mut self, address: &str) -> Rc<EndpointMetrics> {
+        if let Some(metrics) = self.defined.get(address) {
+            return Rc::clone(metrics);
+        }
+        if self.defined.len() >= MAX_DEFINED_ENDPOINTS {
+            if !self.defined_capped {
+                self.defined_capped = true;
+                log::warn!(
+                    "model-lb: {MAX_DEFINED_ENDPOINTS} endpoint addresses have had stats in this \
+                     VM; endpoints new since then get no per-endpoint stats (the totals still count)"
+                );
+            }
+            return Rc::new(EndpointMetrics::NONE);
+        }
+        let with_load = self.server_load.is_some();
+        let prefix = &self.prefix;
+        let optional = |on: bool, suffix: &str, define: fn(&str) -> Metric| {
+            if on {
+                define(&format!("{prefix}endpoint.{address}.{suffix}"))
+            } else {
+                None
+            }
+        };
+        let metrics = Rc::new(EndpointMetrics {
+            routed: counter(&format!("{prefix}endpoint.{address}.routed")),
+            in_flight: gauge(&format!("{prefix}endpoint.{address}.in_flight")),
+            eligible: gauge(&format!("{prefix}endpoint.{address}.eligible")),
+            estimated: optional(with_load, "estimated_in_flight", gauge),
+            weight: optional(self.weights, "weight", gauge),
+            load_reports: optional(with_load, "load_reports", counter),
+            load_report_errors: optional(with_load, "load_report_errors", counter),
+            load_stale: optional(with_load, "load_stale", gauge),
+        });
+        self.defined.insert(address.to_owned(), Rc::clone(&metrics));
+        metrics
+    }
+
     pub fn routed(&mut self, routed: &Routed) {
-        self.follow(&routed.membership);
         self.decisions_delta += 1;
         match routed.prefix {
             Some(PrefixChoice::Preferred) => self.prefix_delta.routed += 1,
@@ -308,12 +353,16 @@ impl Stats {
             Some(PrefixChoice::AllBusy) => self.prefix_delta.fallback[3] += 1,
             None => {}
         }
-        if let Some(slot) = routed
-            .selection
-            .chosen()
-            .and_then(|e| self.routed_delta.get_mut(e))
-        {
-            *slot += 1;
+        let Some(chosen) = routed.selection.chosen() else {
+            return;
+        };
+        if routed.membership.token() == self.endpoints_token {
+            if let Some(slot) = self.routed_delta.get_mut(chosen) {
+                *slot += 1;
+            }
+        } else if let Some(address) = routed.membership.endpoints().get(chosen) {
+            // The pool changed since the last tick: counted by address until then.
+            *self.routed_carry.entry(address.clone()).or_default() += 1;
         }
     }
 
@@ -386,14 +435,16 @@ impl Stats {
         }
     }
 
-    /// A server-load poll of endpoint `index` (of the current membership) was answered.
-    pub fn load_report(&mut self, index: usize, ok: bool) {
-        if let Some(delta) = self.report_delta.get_mut(index) {
-            if ok {
-                delta.0 += 1;
-            } else {
-                delta.1 += 1;
-            }
+    /// A server-load poll of `address` was answered.
+    pub fn load_report(&mut self, address: &str, ok: bool) {
+        let delta = match self.report_delta.get_mut(address) {
+            Some(delta) => delta,
+            None => self.report_delta.entry(address.to_owned()).or_default(),
+        };
+        if ok {
+            delta.0 += 1;
+        } else {
+            delta.1 += 1;
         }
     }
 
@@ -422,8 +473,8 @@ impl Stats {
 
     fn flush_reports(&mut self) {
         let mut sums = (0, 0);
-        for (metrics, delta) in self.endpoints.iter().zip(&mut self.report_delta) {
-            let (ok, failed) = std::mem::take(delta);
+        for (address, (ok, failed)) in std::mem::take(&mut self.report_delta) {
+            let metrics = self.metrics_for(&address);
             add(metrics.load_reports, ok);
             add(metrics.load_report_errors, failed);
             sums.0 += ok;
@@ -437,6 +488,19 @@ impl Stats {
                 std::mem::take(&mut self.response_reports_delta),
             );
         }
+    }
+
+    /// What the pool holds in shared data, and the linear memory of a VM (the last one to
+    /// report): both must stay flat over weeks of membership and configuration changes.
+    pub fn footprint(&mut self, shared_bytes: Option<usize>) {
+        if let Some(bytes) = shared_bytes {
+            set(self.shared_data_bytes, bytes as u64);
+        }
+        #[cfg(target_arch = "wasm32")]
+        set(
+            self.vm_memory_bytes,
+            (core::arch::wasm32::memory_size(0) as u64) * 65_536,
+        );
     }
 
     pub fn endpoints_not_in_cluster(&mut self, count: usize) {
@@ -454,9 +518,20 @@ impl Stats {
         for (metrics, delta) in self.endpoints.iter().zip(&mut self.routed_delta) {
             add(metrics.routed, std::mem::take(delta));
         }
+        for (address, count) in std::mem::take(&mut self.routed_carry) {
+            let metrics = self.metrics_for(&address);
+            add(metrics.routed, count);
+        }
     }
 
-    pub fn flush(&mut self, events: &Events, cluster: &str, pending_releases: usize) {
+    pub fn flush(
+        &mut self,
+        membership: &Rc<Membership>,
+        events: &Events,
+        cluster: &str,
+        pending_releases: usize,
+    ) {
+        self.follow(membership);
         add(self.decisions, std::mem::take(&mut self.decisions_delta));
         let mut failed_open = 0;
         for (metric, delta) in self.fail_open.iter().zip(&mut self.fail_open_delta) {
