@@ -178,7 +178,7 @@ impl EnvoyConfig {
               config:
                 name: model_lb_hold
                 root_id: model_lb_hold
-                fail_open: false
+                failure_policy: FAIL_RELOAD
                 vm_config:
                   vm_id: model_lb
                   runtime: envoy.wasm.runtime.v8
