@@ -234,17 +234,52 @@ fn awkward_bodies_fall_back_clearly_and_are_still_served() {
 }
 
 #[test]
-fn without_the_hold_filter_requests_fail_open_and_say_why() {
+fn without_the_hold_filter_in_the_same_vm_requests_fail_open_and_say_why() {
     let (_backends, ports) = backends();
-    let config = EnvoyConfig::shipped()
+    let plain = EnvoyConfig::shipped()
         .backends(ports)
         .plugin_config(&plugin_json("PREFIX_AWARE", ports));
-    let envoy = Envoy::start(&config);
-    for i in 0..5 {
-        served_by(envoy.listener, &conversation("s", &format!("q{i}")), &[]);
+    // No hold filter at all, and a hold filter in another VM (it cannot see the tag's owner):
+    // neither may stall a request.
+    for (setup, config) in [
+        ("no hold filter", plain.clone()),
+        (
+            "hold filter in another VM",
+            plain.with_hold_filter_in_vm("elsewhere"),
+        ),
+    ] {
+        let envoy = Envoy::start(&config);
+        for i in 0..5 {
+            served_by(envoy.listener, &conversation("s", &format!("q{i}")), &[]);
+        }
+        wait_for_stat(&envoy, "fail_open.no_hold_filter", 5);
+        assert_eq!(stat(&envoy, "decisions.prefix_aware"), 0, "{setup}");
+        assert!(
+            envoy.log().contains("failed open"),
+            "{setup}: {}",
+            envoy.log()
+        );
+        envoy.wait_for_zero_in_flight(CLUSTER);
     }
-    wait_for_stat(&envoy, "fail_open.no_hold_filter", 5);
-    assert_eq!(stat(&envoy, "decisions.prefix_aware"), 0);
-    assert!(envoy.log().contains("failed open"), "{}", envoy.log());
-    envoy.wait_for_zero_in_flight(CLUSTER);
+}
+
+#[test]
+fn a_client_cannot_make_the_hold_filter_stall_a_request() {
+    let (_backends, ports) = backends();
+    // LOR with a hold filter configured anyway: a forged tag is ignored, not held.
+    let config = EnvoyConfig::shipped()
+        .backends(ports)
+        .plugin_config(&plugin_json("LEAST_OUTSTANDING_REQUESTS", ports))
+        .with_hold_filter();
+    let envoy = Envoy::start(&config);
+    for tag in ["1", "2", "999999", "junk"] {
+        let r = post(
+            envoy.listener,
+            "/v1/chat/completions",
+            &conversation("s", "q"),
+            &[("x-model-lb-hold", tag)],
+        )
+        .unwrap();
+        assert_eq!(r.status, 200);
+    }
 }

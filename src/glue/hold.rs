@@ -22,8 +22,15 @@ use super::host;
 pub const HOLD_HEADER: &str = "x-model-lb-hold";
 
 thread_local! {
-    /// Routing filter's context id → the hold filter's context id holding that stream.
-    static HOLDS: RefCell<HashMap<u32, u32>> = RefCell::new(HashMap::new());
+    /// Routing filter's context id → the hold filter's context id holding that stream; `None`
+    /// while the routing filter has tagged its request and the hold filter has not seen it yet.
+    static HOLDS: RefCell<HashMap<u32, Option<u32>>> = RefCell::new(HashMap::new());
+}
+
+/// The routing filter tagged its request for the hold filter: only tags announced this way are
+/// honoured, so a client that sends the tag itself cannot make the hold filter stall a request.
+pub fn expect(router: u32) {
+    HOLDS.with(|holds| holds.borrow_mut().insert(router, None));
 }
 
 pub struct Hold {
@@ -50,7 +57,16 @@ impl HttpContext for Hold {
             return Action::Continue;
         };
         let _ = host::remove_request_header(HOLD_HEADER);
-        HOLDS.with(|holds| holds.borrow_mut().insert(router, self.context_id));
+        let expected = HOLDS.with(|holds| match holds.borrow_mut().get_mut(&router) {
+            Some(slot @ None) => {
+                *slot = Some(self.context_id);
+                true
+            }
+            _ => false,
+        });
+        if !expected {
+            return Action::Continue;
+        }
         self.router = Some(router);
         Action::Pause
     }
@@ -61,7 +77,7 @@ impl Drop for Hold {
         if let Some(router) = self.router {
             HOLDS.with(|holds| {
                 let mut holds = holds.borrow_mut();
-                if holds.get(&router) == Some(&self.context_id) {
+                if holds.get(&router) == Some(&Some(self.context_id)) {
                     holds.remove(&router);
                 }
             });
@@ -72,7 +88,10 @@ impl Drop for Hold {
 /// Runs `decide` on the held stream of routing context `router` (so its header writes land in
 /// the held request), then lets that request go on. `false` when no hold filter holds it.
 pub fn release(router: u32, decide: impl FnOnce()) -> bool {
-    let Some(held) = HOLDS.with(|holds| holds.borrow_mut().remove(&router)) else {
+    let Some(held) = HOLDS
+        .with(|holds| holds.borrow_mut().remove(&router))
+        .flatten()
+    else {
         return false;
     };
     if host::set_effective_context(held).is_err() {

@@ -727,10 +727,10 @@ impl HttpContext for Request {
             // filter makes no decision; nor may a client's copy of the hold tag.
             let _ = host::remove_request_header(&filter.config.endpoint_header);
             let _ = host::set_request_header(hold::HOLD_HEADER, &self.context_id.to_string());
+            hold::expect(self.context_id);
             self.scanner = Some(KeyScanner::new(prefix_aware.prefix_length));
             return Action::Continue;
         }
-        let _ = host::remove_request_header(hold::HOLD_HEADER);
         let key = filter
             .config
             .prefix_aware

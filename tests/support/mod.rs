@@ -95,6 +95,7 @@ pub fn closed_port() -> u16 {
 // Envoy config
 
 /// The shipped config with test ports, the built wasm and a given plugin configuration.
+#[derive(Clone)]
 pub struct EnvoyConfig {
     yaml: String,
 }
@@ -168,7 +169,12 @@ impl EnvoyConfig {
     }
 
     /// Adds the hold filter (`{"role": "hold"}`) right after the plugin, as PREFIX_AWARE needs.
-    pub fn with_hold_filter(mut self) -> Self {
+    pub fn with_hold_filter(self) -> Self {
+        self.with_hold_filter_in_vm("model_lb")
+    }
+
+    /// The hold filter in VM `vm_id` (anything but the plugin's `model_lb` is a misconfiguration).
+    pub fn with_hold_filter_in_vm(mut self, vm_id: &str) -> Self {
         let router = "          - name: envoy.filters.http.router";
         let wasm = wasm_path();
         let hold = format!(
@@ -180,7 +186,7 @@ impl EnvoyConfig {
                 root_id: model_lb_hold
                 failure_policy: FAIL_RELOAD
                 vm_config:
-                  vm_id: model_lb
+                  vm_id: {vm_id}
                   runtime: envoy.wasm.runtime.v8
                   code:
                     local: {{ filename: {} }}
