@@ -64,7 +64,7 @@ wrk-tool:
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
 
 ## test: lint, native unit tests, end-to-end tests against a real Envoy, a short fuzz run
-test: lint build crash-wasm noop-filter sim envoy compose-check-tool wrk-tool
+test: lint build crash-wasm noop-filter sim envoy compose-check-tool wrk-tool k8s-schema-tool dist
 	cargo test --workspace --all-targets
 	@$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=20
 
@@ -110,3 +110,48 @@ fmt:
 clean:
 	cargo clean
 	rm -rf $(VENV)
+
+# ---------------------------------------------------------------------------------------------
+# Release artifacts and the Kubernetes manifests (deploy/)
+
+# The version the filter logs at start-up ("model-lb <version>: ...") and exposes as the stat
+# model_lb_build_info.<version>: the Cargo version, the commit and ".dirty" for uncommitted changes
+# to tracked files, e.g. 0.1.0+3bcda17ab2c4.dirty. Override with `make dist MODEL_LB_VERSION=...`.
+MODEL_LB_VERSION ?= $(shell \
+  v=$$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1); \
+  c=$$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown); \
+  d=$$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo .dirty); \
+  echo "$$v+$$c$$d")
+DIST := dist
+
+.PHONY: dist k8s-schema-tool k8s-schema-check
+
+## dist: the release filter with its version built in: dist/model_lb.wasm, dist/model_lb.wasm.sha256, dist/VERSION
+# Its own target dir, so the version baked in never forces a rebuild of target/wasm32-wasip1/.
+dist: wasm-target
+	MODEL_LB_VERSION='$(MODEL_LB_VERSION)' cargo build --release --target wasm32-wasip1 -p model-lb --target-dir target/dist
+	@mkdir -p $(DIST)
+	cp target/dist/wasm32-wasip1/release/model_lb.wasm $(DIST)/model_lb.wasm
+	cd $(DIST) && sha256sum model_lb.wasm > model_lb.wasm.sha256 && sha256sum --quiet -c model_lb.wasm.sha256
+	echo '$(MODEL_LB_VERSION)' > $(DIST)/VERSION
+	@echo "dist: $(DIST)/model_lb.wasm $$(cut -c1-64 $(DIST)/model_lb.wasm.sha256), version $$(cat $(DIST)/VERSION)"
+
+# The manifests under deploy/ are checked against the CRD schemas in deploy/schemas/ (see its
+# README.md) by deploy/schemas/check.mjs, on Node.js with the packages of
+# deploy/schemas/package-lock.json installed into target/k8s-schemas/ (npm registry).
+K8S_SCHEMA_DEPS := target/k8s-schemas/.installed-$(shell cat deploy/schemas/package-lock.json 2>/dev/null | sha256sum | cut -c1-16)
+
+k8s-schema-tool: $(K8S_SCHEMA_DEPS)
+
+$(K8S_SCHEMA_DEPS): deploy/schemas/package.json deploy/schemas/package-lock.json
+	@node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>18||(a==18&&b>=19)?0:1)' 2>/dev/null && command -v npm >/dev/null || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nodejs npm; }
+	@echo "k8s-schema-tool: installing the manifest checker's npm packages into target/k8s-schemas/..."
+	rm -rf target/k8s-schemas && mkdir -p target/k8s-schemas
+	cp deploy/schemas/package.json deploy/schemas/package-lock.json target/k8s-schemas/
+	cd target/k8s-schemas && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	@touch $@
+
+## k8s-schema-check: validate every manifest under deploy/ against the Envoy Gateway, Gateway API, Istio and core schemas
+k8s-schema-check: k8s-schema-tool
+	node deploy/schemas/check.mjs $$(find deploy -name '*.yaml' ! -path 'deploy/equivalent-envoy/*' | sort)
