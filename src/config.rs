@@ -22,7 +22,6 @@ use crate::server_load::{
 };
 
 pub const DEFAULT_ENDPOINT_HEADER: &str = "x-gateway-destination-endpoint";
-pub const DEFAULT_CLUSTER: &str = "default";
 pub const DEFAULT_FALLBACK_ENDPOINTS: usize = 2;
 pub const DEFAULT_HOUSEKEEPING_INTERVAL_MS: u64 = 1_000;
 pub const DEFAULT_VM_LEASE_TTL_MS: u64 = 10_000;
@@ -61,6 +60,8 @@ const FIELDS: &[&str] = &[
     "routing_strategy",
     "endpoints",
     "endpoint_header",
+    "pool",
+    "envoy_cluster",
     "cluster",
     "fallback_endpoints",
     "housekeeping_interval_ms",
@@ -100,8 +101,10 @@ pub struct Config {
     /// Canonical `ip:port` strings, exactly as Envoy prints a host's address.
     pub endpoints: Vec<String>,
     pub endpoint_header: String,
-    /// Names the shared counters and the stats; filters that share a cluster share counts.
-    pub cluster: String,
+    /// Names the shared counters and the stats; filters that name the same pool share counts.
+    pub pool: String,
+    /// Configuration fields that were given under a deprecated name, for one log line each.
+    pub deprecated: Vec<&'static str>,
     pub fallback_endpoints: usize,
     pub housekeeping_interval_ms: u64,
     pub vm_lease_ttl_ms: u64,
@@ -130,7 +133,7 @@ pub struct AdminPoll {
     pub admin_cluster: String,
     pub interval_ms: u64,
     /// The Envoy cluster whose hosts are the pool, as named in admin `/clusters`.
-    pub watch_cluster: String,
+    pub envoy_cluster: String,
     /// Take the pool's endpoints from the watched cluster instead of `endpoints`.
     pub follow_membership: bool,
 }
@@ -272,10 +275,29 @@ fn from_object(object: &Map<String, Value>) -> Result<Config, ConfigError> {
         Some(value) => header_name_field("endpoint_header", value)?,
     };
 
-    let cluster = match object.get("cluster") {
-        None => DEFAULT_CLUSTER.to_owned(),
-        Some(value) => cluster_field("cluster", value)?,
+    let mut deprecated = Vec::new();
+    let envoy_cluster = match aliased(object, "envoy_cluster", "watch_cluster", &mut deprecated)? {
+        None => None,
+        Some((field, value)) => Some(envoy_cluster_field(field, value)?),
     };
+    // Checked last, so a config with a wrong field and no pool hears about the wrong field.
+    let pool_name: Option<String> = match aliased(object, "pool", "cluster", &mut deprecated)? {
+        Some((field, value)) => Some(cluster_field(field, value)?),
+        // The Envoy cluster's name, made fit for a stat name.
+        None => envoy_cluster.as_ref().map(|name| {
+            name.chars()
+                .take(MAX_CLUSTER_NAME_LEN)
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect()
+        }),
+    };
+    let pool = pool_name.clone().unwrap_or_default();
 
     let fallback_endpoints = match object.get("fallback_endpoints") {
         None => DEFAULT_FALLBACK_ENDPOINTS,
@@ -361,7 +383,7 @@ fn from_object(object: &Map<String, Value>) -> Result<Config, ConfigError> {
 
     let admin = match object.get("admin_cluster") {
         None => {
-            for dependent in ["admin_poll_interval_ms", "watch_cluster"] {
+            for dependent in ["admin_poll_interval_ms"] {
                 if object.contains_key(dependent) {
                     return Err(ConfigError::field(
                         dependent,
@@ -397,14 +419,10 @@ fn from_object(object: &Map<String, Value>) -> Result<Config, ConfigError> {
                     interval
                 }
             };
-            let watch_cluster = match object.get("watch_cluster") {
-                None => cluster.clone(),
-                Some(value) => envoy_cluster_field("watch_cluster", value)?,
-            };
             Some(AdminPoll {
                 admin_cluster,
                 interval_ms,
-                watch_cluster,
+                envoy_cluster: envoy_cluster.clone().unwrap_or_else(|| pool.clone()),
                 follow_membership,
             })
         }
@@ -413,8 +431,7 @@ fn from_object(object: &Map<String, Value>) -> Result<Config, ConfigError> {
     let server_load = match object.get("server_load") {
         None => None,
         Some(value) => {
-            // Without an admin poll the pool cluster's name is the plugin's own `cluster`.
-            let pool_cluster = admin.as_ref().map_or(&cluster, |a| &a.watch_cluster);
+            let pool_cluster = envoy_cluster.as_ref().unwrap_or(&pool);
             Some(server_load_field(value, pool_cluster)?)
         }
     };
@@ -430,11 +447,21 @@ fn from_object(object: &Map<String, Value>) -> Result<Config, ConfigError> {
         }
     };
 
+    if pool_name.is_none() {
+        return Err(ConfigError::field(
+            "pool",
+            "required; name the pool (normally after its Envoy cluster, e.g. \
+             \"model_servers\"): filters naming the same pool share their counts, so two \
+             pools must not share a name. Or give \"envoy_cluster\"",
+        ));
+    }
+
     Ok(Config {
         strategy,
         endpoints,
         endpoint_header,
-        cluster,
+        pool,
+        deprecated,
         fallback_endpoints,
         housekeeping_interval_ms,
         vm_lease_ttl_ms,
@@ -644,6 +671,36 @@ fn is_metric_name(text: &str) -> bool {
             .next()
             .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
         && chars.all(valid_rest)
+}
+
+/// A field that was renamed: the new name, or the old one (noted in `deprecated`), not both.
+fn aliased<'a>(
+    object: &'a Map<String, Value>,
+    name: &'static str,
+    old_name: &'static str,
+    deprecated: &mut Vec<&'static str>,
+) -> Result<Option<(&'static str, &'a Value)>, ConfigError> {
+    match (object.get(name), object.get(old_name)) {
+        (Some(_), Some(_)) => Err(ConfigError::field(
+            old_name,
+            format!("is the old name of \"{name}\"; give only \"{name}\""),
+        )),
+        (Some(value), None) => Ok(Some((name, value))),
+        (None, Some(value)) => {
+            deprecated.push(old_name);
+            Ok(Some((old_name, value)))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// The new name of a deprecated field, for the log line.
+pub fn renamed(old_name: &str) -> &'static str {
+    match old_name {
+        "cluster" => "pool",
+        "watch_cluster" => "envoy_cluster",
+        _ => "",
+    }
 }
 
 fn endpoints_field(value: Option<&Value>) -> Result<Vec<String>, ConfigError> {
@@ -868,8 +925,24 @@ fn truncate(text: &str, max_chars: usize) -> String {
 mod tests {
     use super::*;
 
+    /// Parses `text`, naming a pool when it names none (most tests are about other fields).
     fn parse_str(text: &str) -> Result<Config, ConfigError> {
-        parse(Some(text.as_bytes()))
+        let names_pool = ["\"pool\"", "\"cluster\"", "envoy_cluster", "watch_cluster"]
+            .iter()
+            .any(|f| text.contains(f));
+        match text.strip_prefix('{') {
+            Some(rest) if !names_pool && text.trim_end().ends_with('}') => {
+                let separator = if rest.trim_start().starts_with('}') {
+                    ""
+                } else {
+                    ", "
+                };
+                parse(Some(
+                    format!(r#"{{"pool": "p"{separator}{rest}"#).as_bytes(),
+                ))
+            }
+            _ => parse(Some(text.as_bytes())),
+        }
     }
 
     fn error_of(text: &str) -> ConfigError {
@@ -885,7 +958,8 @@ mod tests {
         assert_eq!(config.strategy, Strategy::LeastOutstandingRequests);
         assert_eq!(config.endpoints, vec!["10.0.0.1:8000", "10.0.0.2:8000"]);
         assert_eq!(config.endpoint_header, "x-gateway-destination-endpoint");
-        assert_eq!(config.cluster, "default");
+        assert_eq!(config.pool, "p");
+        assert!(config.deprecated.is_empty());
         assert_eq!(config.fallback_endpoints, 2);
         assert_eq!(config.housekeeping_interval_ms, 1_000);
         assert_eq!(config.vm_lease_ttl_ms, 10_000);
@@ -908,7 +982,7 @@ mod tests {
     fn the_hold_filter_has_one_configuration() {
         assert_eq!(parse_plugin(Some(br#"{"role": "hold"}"#)), Ok(Plugin::Hold));
         assert!(matches!(
-            parse_plugin(Some(br#"{"endpoints": ["1.1.1.1:1"]}"#)),
+            parse_plugin(Some(br#"{"pool": "p", "endpoints": ["1.1.1.1:1"]}"#)),
             Ok(Plugin::Router(_))
         ));
         for bad in [
@@ -993,7 +1067,7 @@ mod tests {
             Some(AdminPoll {
                 admin_cluster: "admin".into(),
                 interval_ms: 1_500,
-                watch_cluster: "outbound|8000||vllm.ns.svc.cluster.local".into(),
+                envoy_cluster: "outbound|8000||vllm.ns.svc.cluster.local".into(),
                 follow_membership: true,
             })
         );
@@ -1004,7 +1078,7 @@ mod tests {
         assert_eq!(config.passive, None);
         let admin = config.admin.unwrap();
         assert_eq!(
-            (admin.watch_cluster.as_str(), admin.interval_ms),
+            (admin.envoy_cluster.as_str(), admin.interval_ms),
             ("c", 2_000)
         );
         assert!(!admin.follow_membership);
@@ -1022,7 +1096,8 @@ mod tests {
         assert_eq!(config.strategy, Strategy::Random);
         assert_eq!(config.endpoints, vec!["[fd00::1]:9000"]);
         assert_eq!(config.endpoint_header, "x-pick");
-        assert_eq!(config.cluster, "llama.pool-1");
+        assert_eq!(config.pool, "llama.pool-1");
+        assert_eq!(config.deprecated, vec!["cluster"]);
         assert_eq!(config.fallback_endpoints, 0);
         assert_eq!(config.housekeeping_interval_ms, 200);
         assert_eq!(config.vm_lease_ttl_ms, 600);
@@ -1065,7 +1140,7 @@ mod tests {
         );
         assert!(load.response_reports);
         let config = parse_str(
-            r#"{"endpoints": ["10.0.0.1:80"], "server_load": {"cluster": "polls",
+            r#"{"endpoints": ["10.0.0.1:80"], "pool": "p", "server_load": {"cluster": "polls",
                 "path": "/v1/loads", "running_metric": "sglang:num_running_reqs",
                 "waiting_metric": "sglang:num_queue_reqs", "stale_after_ms": 500,
                 "interval_ms": 50}}"#,
@@ -1142,6 +1217,33 @@ mod tests {
             assert_eq!(err.field.as_deref(), Some(*field), "{text}: {err}");
             assert!(err.to_string().contains(hint), "{text}: {err} lacks {hint}");
         }
+    }
+
+    #[test]
+    fn pools_are_named_explicitly_or_after_their_envoy_cluster() {
+        let err = parse(Some(br#"{"endpoints": ["10.0.0.1:1"]}"#)).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("pool"));
+        assert!(err.message.contains("required"), "{err}");
+        let config = parse(Some(
+            br#"{"endpoints": ["10.0.0.1:1"], "envoy_cluster": "outbound|8000||vllm.ns.svc.cluster.local"}"#,
+        ))
+        .unwrap();
+        assert_eq!(config.pool, "outbound_8000__vllm_ns_svc_cluster_local");
+        // The old names still work, once each, and say so.
+        let config = parse(Some(
+            br#"{"endpoints": ["10.0.0.1:1"], "cluster": "a", "admin_cluster": "x", "watch_cluster": "b"}"#,
+        ))
+        .unwrap();
+        assert_eq!(config.pool, "a");
+        assert_eq!(config.admin.unwrap().envoy_cluster, "b");
+        assert_eq!(config.deprecated, vec!["watch_cluster", "cluster"]);
+        assert_eq!(renamed("cluster"), "pool");
+        let err = parse(Some(
+            br#"{"endpoints": ["10.0.0.1:1"], "cluster": "a", "pool": "a"}"#,
+        ))
+        .unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("cluster"));
+        assert!(err.message.contains("give only \"pool\""), "{err}");
     }
 
     #[test]

@@ -544,8 +544,8 @@ fn envoy_gateway_manifests_and_their_envoy_config_agree() {
     let config: Value =
         serde_json::from_str(wasm["configuration"]["value"].as_str().unwrap()).unwrap();
     assert_eq!(config, entry["config"]);
-    assert_eq!(config["watch_cluster"], cluster_name.as_str());
-    assert_eq!(config["cluster"], POOL);
+    assert_eq!(config["envoy_cluster"], cluster_name.as_str());
+    assert_eq!(config["pool"], POOL);
 
     // The cluster: override_host on the policy's header, the policy's type as the fallback.
     let cluster = named(&envoy["static_resources"]["clusters"], &cluster_name);
@@ -766,8 +766,8 @@ fn istio_manifests_and_their_envoy_config_agree() {
         )
     );
     let config = &plugin["spec"]["pluginConfig"];
-    assert_eq!(config["watch_cluster"], cluster_name.as_str());
-    assert_eq!(config["cluster"], POOL);
+    assert_eq!(config["envoy_cluster"], cluster_name.as_str());
+    assert_eq!(config["pool"], POOL);
 
     assert_eq!(
         &filter["spec"]["workloadSelector"]["labels"], &plugin["spec"]["selector"]["matchLabels"],

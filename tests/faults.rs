@@ -555,7 +555,7 @@ fn config_changes_while_requests_are_in_flight_leave_counts_at_zero() {
     assert_eq!(pool.active_per_backend(), vec![2, 2, 2]);
     // New config mid-flight: the third endpoint is no longer listed.
     let two = format!(
-        r#"{{"cluster": "model_servers", "endpoints": ["127.0.0.1:{}", "127.0.0.1:{}"], "housekeeping_interval_ms": 200}}"#,
+        r#"{{"pool": "model_servers", "endpoints": ["127.0.0.1:{}", "127.0.0.1:{}"], "housekeeping_interval_ms": 200}}"#,
         ports[1], ports[0]
     );
     update(&two, 2);

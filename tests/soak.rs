@@ -36,7 +36,7 @@ fn membership_and_listener_churn_under_traffic_keeps_everything_bounded() {
     let listener_port = closed_port();
     let plugin = |fallbacks: usize| {
         format!(
-            r#"{{"cluster": "model_servers", "follow_membership": true, "admin_cluster": "model_lb_admin", "admin_poll_interval_ms": 100, "housekeeping_interval_ms": 100, "vm_lease_ttl_ms": 1000, "fallback_endpoints": {fallbacks}}}"#
+            r#"{{"pool": "model_servers", "follow_membership": true, "admin_cluster": "model_lb_admin", "admin_poll_interval_ms": 100, "housekeeping_interval_ms": 100, "vm_lease_ttl_ms": 1000, "fallback_endpoints": {fallbacks}}}"#
         )
     };
     let base = eds_config(&eds_path)

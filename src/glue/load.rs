@@ -91,7 +91,7 @@ impl LoadPolling {
         self.dispatched = 0;
         self.counted_since_ms = now_ms;
         stats.server_load_freshness(membership, &fresh, per_second);
-        let cluster = &filter.config.cluster;
+        let cluster = &filter.config.pool;
         let newly_stale: Vec<String> = stale
             .difference(&self.stale)
             .map(|a| match self.last_error.get(a) {
@@ -101,7 +101,7 @@ impl LoadPolling {
             .collect();
         if !newly_stale.is_empty() {
             log::warn!(
-                "model-lb: cluster \"{cluster}\": no fresh server-load report for {} within \
+                "model-lb: pool \"{cluster}\": no fresh server-load report for {} within \
                  {stale_after} ms; routing on this Envoy's own counts for them: [{}]",
                 counted(newly_stale.len() as u64, "endpoint"),
                 newly_stale.join(", ")
@@ -110,7 +110,7 @@ impl LoadPolling {
         let recovered = self.stale.difference(&stale).count();
         if recovered > 0 {
             log::info!(
-                "model-lb: cluster \"{cluster}\": server-load reports fresh again for {}",
+                "model-lb: pool \"{cluster}\": server-load reports fresh again for {}",
                 counted(recovered as u64, "endpoint")
             );
         }

@@ -197,6 +197,14 @@ struct Filter {
 
 impl Filter {
     fn configure(config: Config) -> Result<Self, String> {
+        for old in &config.deprecated {
+            log::warn!(
+                "model-lb: pool \"{}\": configuration field \"{old}\" is deprecated; it is now \
+                 called \"{}\" (same meaning)",
+                config.pool,
+                config::renamed(old)
+            );
+        }
         let now_ms = host::now_ms().unwrap_or(0);
         let seed = vm_seed(now_ms);
         let source = match &config.admin {
@@ -204,7 +212,7 @@ impl Filter {
             _ => MembershipSource::Configured,
         };
         let mut tracker = PoolTracker::with_health(
-            &config.cluster,
+            &config.pool,
             config.endpoints.clone(),
             source,
             config.passive,
@@ -217,9 +225,9 @@ impl Filter {
             // finishes the job, and requests route within the pool as it is until then.
             Err(TrackerError::Contention) => {
                 log::warn!(
-                    "model-lb: cluster \"{}\": shared table busy at configure time; endpoints are \
+                    "model-lb: pool \"{}\": shared table busy at configure time; endpoints are \
                      added on the next housekeeping tick",
-                    config.cluster
+                    config.pool
                 );
                 Install::Adopted
             }
@@ -245,9 +253,9 @@ impl Filter {
         let stats = Stats::new(&config, tracker.membership());
         if install != Install::Adopted {
             log::info!(
-                "model-lb {}: cluster \"{}\": {}, strategy {}, header \"{}\", {} fallbacks ({})",
+                "model-lb {}: pool \"{}\": {}, strategy {}, header \"{}\", {} fallbacks ({})",
                 crate::VERSION,
-                config.cluster,
+                config.pool,
                 stats::counted(config.endpoints.len() as u64, "endpoint"),
                 config.strategy.name(),
                 config.endpoint_header,
@@ -425,9 +433,9 @@ impl Filter {
                 stats.footprint(report.shared_bytes);
                 if report.reaped.slots > 0 {
                     log::warn!(
-                        "model-lb: cluster \"{}\": reclaimed {} from {} that stopped \
+                        "model-lb: pool \"{}\": reclaimed {} from {} that stopped \
                          heartbeating for {} ms",
-                        self.config.cluster,
+                        self.config.pool,
                         stats::counted(report.reaped.requests, "in-flight request"),
                         stats::counted(report.reaped.slots, "worker VM"),
                         self.config.vm_lease_ttl_ms
@@ -446,21 +454,21 @@ impl Filter {
                 }
             }
             Err(e) => log::warn!(
-                "model-lb: cluster \"{}\": housekeeping failed, will retry next tick: {e}",
-                self.config.cluster
+                "model-lb: pool \"{}\": housekeeping failed, will retry next tick: {e}",
+                self.config.pool
             ),
         }
         if events.pruned_endpoints > 0 {
             log::info!(
-                "model-lb: cluster \"{}\": removed {} that no live configuration lists",
-                self.config.cluster,
+                "model-lb: pool \"{}\": removed {} that no live configuration lists",
+                self.config.pool,
                 stats::counted(events.pruned_endpoints, "idle endpoint")
             );
         }
         for ejection in &events.ejections {
             log::warn!(
-                "model-lb: cluster \"{}\": ejecting {} for {} ms after {} consecutive failures",
-                self.config.cluster,
+                "model-lb: pool \"{}\": ejecting {} for {} ms after {} consecutive failures",
+                self.config.pool,
                 ejection.address,
                 ejection.for_ms,
                 ejection.failures
@@ -469,7 +477,7 @@ impl Filter {
         stats.flush(
             tracker.membership(),
             &events,
-            &self.config.cluster,
+            &self.config.pool,
             tracker.pending_releases(),
         );
         leader
@@ -483,7 +491,7 @@ impl Filter {
         let Some(admin) = &self.config.admin else {
             return Ok(ClusterUpdate::default());
         };
-        let hosts = admin::cluster_hosts(body, &admin.watch_cluster).map_err(|e| e.to_string())?;
+        let hosts = admin::cluster_hosts(body, &admin.envoy_cluster).map_err(|e| e.to_string())?;
         let mut tracker = self
             .tracker
             .try_borrow_mut()
@@ -496,29 +504,29 @@ impl Filter {
     }
 
     fn admin_poll_result(&self, poll: &mut AdminPollState, result: Result<ClusterUpdate, String>) {
-        let cluster = &self.config.cluster;
+        let cluster = &self.config.pool;
         if let Ok(mut stats) = self.stats.try_borrow_mut() {
             stats.admin_poll(result.is_ok());
         }
         match result {
             Ok(update) => {
                 if poll.failing {
-                    log::info!("model-lb: cluster \"{cluster}\": admin polling works again");
+                    log::info!("model-lb: pool \"{cluster}\": admin polling works again");
                     poll.failing = false;
                 }
                 if !update.added.is_empty() || !update.removed.is_empty() {
                     log::info!(
-                        "model-lb: cluster \"{cluster}\": membership follows Envoy: added [{}], removed [{}]",
+                        "model-lb: pool \"{cluster}\": membership follows Envoy: added [{}], removed [{}]",
                         update.added.join(", "),
                         update.removed.join(", ")
                     );
                 }
                 for (address, healthy) in &update.health {
                     if *healthy {
-                        log::info!("model-lb: cluster \"{cluster}\": {address} is healthy again; routing to it");
+                        log::info!("model-lb: pool \"{cluster}\": {address} is healthy again; routing to it");
                     } else if !update.missing.contains(address) {
                         log::warn!(
-                            "model-lb: cluster \"{cluster}\": Envoy reports {address} unhealthy; not routing to it"
+                            "model-lb: pool \"{cluster}\": Envoy reports {address} unhealthy; not routing to it"
                         );
                     }
                 }
@@ -531,7 +539,7 @@ impl Filter {
                 // Once per outage, not once per poll.
                 if !poll.failing {
                     log::warn!(
-                        "model-lb: cluster \"{cluster}\": admin poll failed, keeping the last known \
+                        "model-lb: pool \"{cluster}\": admin poll failed, keeping the last known \
                          health: {why}"
                     );
                     poll.failing = true;
@@ -555,8 +563,8 @@ impl Filter {
         if missing.is_empty() {
             if changed {
                 log::info!(
-                    "model-lb: cluster \"{}\": every endpoint is a host of the watched Envoy cluster again",
-                    self.config.cluster
+                    "model-lb: pool \"{}\": every endpoint is a host of the watched Envoy cluster again",
+                    self.config.pool
                 );
             }
         } else if changed || due {
@@ -564,12 +572,12 @@ impl Filter {
                 .config
                 .admin
                 .as_ref()
-                .map_or("", |a| a.watch_cluster.as_str());
+                .map_or("", |a| a.envoy_cluster.as_str());
             log::warn!(
-                "model-lb: cluster \"{}\": {} not a host of the Envoy cluster \"{watched}\" \
+                "model-lb: pool \"{}\": {} not a host of the Envoy cluster \"{watched}\" \
                  and never routed to: [{}]. List the cluster's hosts as ip:port in endpoints, \
                  or use follow_membership",
-                self.config.cluster,
+                self.config.pool,
                 if missing.len() == 1 {
                     "1 endpoint is"
                 } else {

@@ -219,7 +219,7 @@ impl Stats {
             )),
             1,
         );
-        let prefix = format!("model_lb.{}.", config.cluster);
+        let prefix = format!("model_lb.{}.", config.pool);
         let name = |suffix: &str| format!("{prefix}{suffix}");
         let mut stats = Self {
             decisions: counter(&name(&format!("decisions.{}", config.strategy.stat_name()))),
@@ -567,14 +567,14 @@ impl Stats {
         // One line per interval, not per request, however many requests failed open.
         if failed_open > 0 {
             log::warn!(
-                "model-lb: cluster \"{cluster}\": {} failed open to the cluster's fallback \
+                "model-lb: pool \"{cluster}\": {} failed open to the cluster's fallback \
                  policy since the last tick (see model_lb.{cluster}.fail_open.*)",
                 counted(failed_open, "request")
             );
         }
         if events.capped_ejections > 0 {
             log::warn!(
-                "model-lb: cluster \"{cluster}\": {} not ejected since the last tick: \
+                "model-lb: pool \"{cluster}\": {} not ejected since the last tick: \
                  max_ejection_percent of the pool is already ejected, so failing endpoints stay \
                  in rather than push all the load onto the rest",
                 counted(events.capped_ejections, "failing endpoint")
@@ -582,7 +582,7 @@ impl Stats {
         }
         if unhonoured > 0 {
             log::warn!(
-                "model-lb: cluster \"{cluster}\": {} served by a host the filter did \
+                "model-lb: pool \"{cluster}\": {} served by a host the filter did \
                  not list since the last tick: Envoy's fallback policy picked instead. Check that \
                  the filter's endpoints are the Envoy cluster's hosts (ip:port exactly) and that \
                  the cluster's override_host policy reads the filter's endpoint_header",
@@ -591,7 +591,7 @@ impl Stats {
         }
         if events.corrections > 0 {
             log::warn!(
-                "model-lb: cluster \"{cluster}\": {} already zero when decremented and \
+                "model-lb: pool \"{cluster}\": {} already zero when decremented and \
                  clamped",
                 counted(events.corrections, "in-flight count")
             );

@@ -248,7 +248,7 @@ pub fn plugin_json_with(strategy: &str, ports: [u16; 3], extra: &str) -> String 
         format!(", {extra}")
     };
     format!(
-        r#"{{"routing_strategy": "{strategy}", "cluster": "model_servers", "endpoints": ["127.0.0.1:{}", "127.0.0.1:{}", "127.0.0.1:{}"], "housekeeping_interval_ms": 200{extra}}}"#,
+        r#"{{"routing_strategy": "{strategy}", "pool": "model_servers", "endpoints": ["127.0.0.1:{}", "127.0.0.1:{}", "127.0.0.1:{}"], "housekeeping_interval_ms": 200{extra}}}"#,
         ports[0], ports[1], ports[2]
     )
 }
@@ -1081,7 +1081,7 @@ pub fn read_response(reader: &mut impl BufRead) -> std::io::Result<Response> {
 /// with [`write_eds`] for a live membership change) and the filter following it.
 pub fn eds_config(eds_path: &std::path::Path) -> EnvoyConfig {
     let shipped = EnvoyConfig::shipped().plugin_config(
-        r#"{"cluster": "model_servers", "follow_membership": true, "admin_cluster": "model_lb_admin", "admin_poll_interval_ms": 200, "housekeeping_interval_ms": 200}"#,
+        r#"{"pool": "model_servers", "follow_membership": true, "admin_cluster": "model_lb_admin", "admin_poll_interval_ms": 200, "housekeeping_interval_ms": 200}"#,
     );
     let yaml = shipped.yaml();
     let start = yaml.find("  - name: model_servers\n").unwrap();
