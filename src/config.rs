@@ -29,6 +29,10 @@ pub const DEFAULT_FAILURE_THRESHOLD: u64 = 3;
 pub const DEFAULT_EJECTION_BASE_MS: u64 = 5_000;
 pub const DEFAULT_EJECTION_MAX_MS: u64 = 300_000;
 pub const DEFAULT_ADMIN_POLL_INTERVAL_MS: u64 = 2_000;
+/// Off by default: counts stay exact, which is what least outstanding requests is for. Folding
+/// releases saves two host calls per request but lets other workers see a finished request for
+/// up to this long (tests/e2e.rs shows the difference on back-to-back short requests).
+pub const DEFAULT_RELEASE_BATCHING_MS: u64 = 0;
 const MAX_DURATION_MS: u64 = 3_600_000;
 
 /// More endpoints than this is almost certainly a generated config gone wrong, and the shared
@@ -78,6 +82,7 @@ const FIELDS: &[&str] = &[
     "follow_membership",
     "server_load",
     "prefix_aware",
+    "release_batching_ms",
 ];
 
 const PREFIX_AWARE_FIELDS: &[&str] = &["prefix_length", "concurrency_threshold"];
@@ -116,6 +121,9 @@ pub struct Config {
     pub server_load: Option<ServerLoad>,
     /// `PREFIX_AWARE`'s parameters; `Some` exactly when that is the strategy.
     pub prefix_aware: Option<PrefixAware>,
+    /// Releases ride on the VM's next routing write, or are written within this many ms;
+    /// 0 writes each at once.
+    pub release_batching_ms: u64,
 }
 
 /// SageMaker's `PrefixAwareRoutingConfig`, same names, ranges and meaning.
@@ -447,6 +455,11 @@ fn from_object(object: &Map<String, Value>) -> Result<Config, ConfigError> {
         }
     };
 
+    let release_batching_ms = match object.get("release_batching_ms") {
+        None => DEFAULT_RELEASE_BATCHING_MS,
+        Some(value) => integer_field("release_batching_ms", value, 0, 1_000)?,
+    };
+
     if pool_name.is_none() {
         return Err(ConfigError::field(
             "pool",
@@ -469,6 +482,7 @@ fn from_object(object: &Map<String, Value>) -> Result<Config, ConfigError> {
         admin,
         server_load,
         prefix_aware,
+        release_batching_ms,
     })
 }
 
@@ -891,7 +905,11 @@ fn unknown_field_message(unknown: &str, known: &[&str]) -> String {
         .filter(|(distance, _)| *distance <= 3);
     match closest {
         Some((_, suggestion)) => format!("unknown field; did you mean \"{suggestion}\"?"),
-        None => format!("unknown field; known: {}", known.join(", ")),
+        // Bounded, so a hostile config's log line stays short however many fields there are.
+        None => format!(
+            "unknown field; known: {} (README, \"Configuration\")",
+            truncate(&known.join(", "), 240)
+        ),
     }
 }
 

@@ -27,6 +27,8 @@ const HOUSEKEEPING_ATTEMPTS: u32 = 8;
 /// Installing runs at configure time, possibly while other workers serve heavy traffic on the
 /// same pool; it may retry longer than a request would.
 const INSTALL_ATTEMPTS: u32 = 64;
+/// Folded releases are written on their own once this many wait, whatever the tick.
+const MAX_FOLDED_RELEASES: usize = 256;
 /// Releases still waiting for a successful write. Past this something is deeply wrong with the
 /// host; dropping the oldest keeps memory bounded and is counted.
 const MAX_PENDING_RELEASES: usize = 65_536;
@@ -132,6 +134,8 @@ pub enum Release {
     EndpointRemoved,
     /// Could not write now; queued and retried on the next housekeeping tick.
     Deferred,
+    /// Waiting to ride on this VM's next routing write, or its next tick.
+    Folded,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,6 +244,9 @@ pub struct PoolTracker {
     view: LoadView,
     /// How long a server's report counts (0 without server load: no report is ever fresh).
     stale_after_ms: u64,
+    /// Releases waiting for this VM's next routing write (see `set_fold_releases`).
+    folded: Vec<(Ticket, Outcome)>,
+    fold_releases: bool,
     /// Per endpoint, whether Envoy last reported it as a healthy host of the watched cluster:
     /// server-load polls through the pool cluster would reach some other host otherwise.
     reachable: Vec<bool>,
@@ -290,6 +297,8 @@ impl PoolTracker {
             view: LoadView::default(),
             stale_after_ms: 0,
             reachable: Vec::new(),
+            folded: Vec::new(),
+            fold_releases: false,
         }
     }
 
@@ -593,6 +602,7 @@ impl PoolTracker {
     {
         for attempt in 0..ROUTE_ATTEMPTS {
             let (mut table, cas) = self.read(store)?;
+            let folded = self.apply_folded(store, &mut table)?;
             let claim = match self.claim {
                 Some(claim) if table.slot_owner(claim.slot) == claim.owner => claim,
                 _ => {
@@ -642,6 +652,7 @@ impl PoolTracker {
             table.increment(claim.slot, chosen);
             match store.set(&self.table_key, table.as_bytes(), cas) {
                 Ok(()) => {
+                    self.commit_folded(folded);
                     self.claim = Some(claim);
                     let membership = Rc::clone(&self.membership);
                     return Ok(Routed {
@@ -684,6 +695,13 @@ impl PoolTracker {
         ticket: Ticket,
         outcome: Outcome,
     ) -> Release {
+        if self.fold_releases {
+            self.folded.push((ticket, outcome));
+            if self.folded.len() >= MAX_FOLDED_RELEASES {
+                self.flush_folded(store);
+            }
+            return Release::Folded;
+        }
         match self.try_release(store, &ticket, outcome) {
             Ok(result) => {
                 self.count_release(result);
@@ -702,7 +720,7 @@ impl PoolTracker {
             Release::ClampedAtZero => self.events.corrections += 1,
             Release::SlotReclaimed => self.events.stale_releases += 1,
             Release::EndpointRemoved => self.events.dropped_releases += 1,
-            Release::Applied | Release::Deferred => {}
+            Release::Applied | Release::Deferred | Release::Folded => {}
         }
     }
 
@@ -727,47 +745,14 @@ impl PoolTracker {
             let Ok(mut table) = Table::parse(bytes) else {
                 return Ok(Release::SlotReclaimed);
             };
-            let Some(endpoint) = self.locate(store, &table, ticket)? else {
-                return Ok(Release::EndpointRemoved);
-            };
-            // The decrement needs the slot the request was counted under; the health verdict
-            // is news about the endpoint whoever counted it.
-            let result = if table.slot_owner(usize::from(ticket.slot)) == ticket.owner {
-                match table.decrement(usize::from(ticket.slot), endpoint) {
-                    Decrement::Applied => Release::Applied,
-                    Decrement::ClampedAtZero => Release::ClampedAtZero,
-                }
-            } else {
-                Release::SlotReclaimed
-            };
-            let mut change = Change::None;
-            let before = table.health(endpoint);
-            let mut health = before;
-            if let Some(policy) = &self.passive {
-                let now_ms = self.now_ms;
-                let ejected = (0..table.endpoint_count())
-                    .filter(|&e| table.health(e).ejected_until_ms > now_ms)
-                    .count();
-                let may_eject = ejected < policy.max_ejected(table.endpoint_count());
-                change = health.record(outcome, policy, now_ms, may_eject);
-                table.set_health(endpoint, &health);
-            }
-            if result == Release::SlotReclaimed && health == before {
+            let (result, change, changed) =
+                self.apply_release(store, &mut table, ticket, outcome)?;
+            if !changed {
                 return Ok(result);
             }
             match store.set(&self.table_key, table.as_bytes(), cas) {
                 Ok(()) => {
-                    match change {
-                        Change::Ejected { for_ms, failures } => {
-                            self.events.ejections.push(Ejection {
-                                address: ticket.endpoint_address().to_owned(),
-                                for_ms,
-                                failures,
-                            })
-                        }
-                        Change::Capped => self.events.capped_ejections += 1,
-                        Change::None => {}
-                    }
+                    self.count_change(ticket, change);
                     return Ok(result);
                 }
                 Err(StoreError::CasMismatch) => self.lost_race(attempt),
@@ -775,6 +760,129 @@ impl PoolTracker {
             }
         }
         Err(TrackerError::Contention)
+    }
+
+    /// Applies one release to a table copy: the decrement (under the slot owner it was counted
+    /// under) and the outcome's passive-health news. Returns whether the table changed.
+    fn apply_release<S: SharedStore>(
+        &mut self,
+        store: &S,
+        table: &mut Table,
+        ticket: &Ticket,
+        outcome: Outcome,
+    ) -> Result<(Release, Change, bool), TrackerError> {
+        let Some(endpoint) = self.locate(store, table, ticket)? else {
+            return Ok((Release::EndpointRemoved, Change::None, false));
+        };
+        // The decrement needs the slot the request was counted under; the health verdict is
+        // news about the endpoint whoever counted it.
+        let result = if table.slot_owner(usize::from(ticket.slot)) == ticket.owner {
+            match table.decrement(usize::from(ticket.slot), endpoint) {
+                Decrement::Applied => Release::Applied,
+                Decrement::ClampedAtZero => Release::ClampedAtZero,
+            }
+        } else {
+            Release::SlotReclaimed
+        };
+        let mut change = Change::None;
+        let before = table.health(endpoint);
+        let mut health = before;
+        if let Some(policy) = &self.passive {
+            let now_ms = self.now_ms;
+            let ejected = (0..table.endpoint_count())
+                .filter(|&e| table.health(e).ejected_until_ms > now_ms)
+                .count();
+            let may_eject = ejected < policy.max_ejected(table.endpoint_count());
+            change = health.record(outcome, policy, now_ms, may_eject);
+            table.set_health(endpoint, &health);
+        }
+        let changed = result != Release::SlotReclaimed || health != before;
+        Ok((result, change, changed))
+    }
+
+    fn count_change(&mut self, ticket: &Ticket, change: Change) {
+        match change {
+            Change::Ejected { for_ms, failures } => self.events.ejections.push(Ejection {
+                address: ticket.endpoint_address().to_owned(),
+                for_ms,
+                failures,
+            }),
+            Change::Capped => self.events.capped_ejections += 1,
+            Change::None => {}
+        }
+    }
+
+    /// With folding on, releases wait (at most a tick) to ride on this VM's next routing
+    /// compare-and-swap, so under load a release costs no host call of its own.
+    pub fn set_fold_releases(&mut self, fold: bool) {
+        self.fold_releases = fold;
+    }
+
+    pub fn folded_releases(&self) -> usize {
+        self.folded.len()
+    }
+
+    /// Applies every folded release to `table`; the caller writes it. Returns what each did,
+    /// to be counted once the write succeeds.
+    fn apply_folded<S: SharedStore>(
+        &mut self,
+        store: &S,
+        table: &mut Table,
+    ) -> Result<Vec<(Release, Change)>, TrackerError> {
+        let folded = std::mem::take(&mut self.folded);
+        let mut results = Vec::with_capacity(folded.len());
+        let mut failed = None;
+        for (ticket, outcome) in &folded {
+            match self.apply_release(store, table, ticket, *outcome) {
+                Ok((release, change, _)) => results.push((release, change)),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        self.folded = folded;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(results),
+        }
+    }
+
+    /// Counts what the folded releases did, once the write that carried them succeeded.
+    fn commit_folded(&mut self, results: Vec<(Release, Change)>) {
+        let folded = std::mem::take(&mut self.folded);
+        for ((ticket, _), (release, change)) in folded.iter().zip(results) {
+            self.count_release(release);
+            self.count_change(ticket, change);
+        }
+    }
+
+    /// Writes the folded releases on their own (an idle VM's tick): never later than this.
+    pub fn flush_folded<S: SharedStore>(&mut self, store: &S) {
+        if self.folded.is_empty() {
+            return;
+        }
+        for attempt in 0..RELEASE_ATTEMPTS {
+            let Ok((mut table, cas)) = self.read(store) else {
+                break;
+            };
+            let Ok(results) = self.apply_folded(store, &mut table) else {
+                break;
+            };
+            match store.set(&self.table_key, table.as_bytes(), cas) {
+                Ok(()) => {
+                    self.commit_folded(results);
+                    return;
+                }
+                Err(StoreError::CasMismatch) => self.lost_race(attempt),
+                Err(_) => break,
+            }
+        }
+        // Could not write now: the ordinary retry path keeps them, never drops them.
+        for (ticket, outcome) in std::mem::take(&mut self.folded) {
+            self.events.deferred_releases += 1;
+            self.defer(ticket, outcome);
+        }
     }
 
     /// The table column of the ticket's endpoint, following membership changes by address.
@@ -892,6 +1000,7 @@ impl PoolTracker {
         lease_ttl_ms: u64,
     ) -> Result<Housekeeping, TrackerError> {
         self.now_ms = now_ms;
+        self.flush_folded(store);
         for (ticket, outcome) in std::mem::take(&mut self.pending) {
             match self.try_release(store, &ticket, outcome) {
                 Ok(result) => self.count_release(result),

@@ -402,3 +402,44 @@ fn a_server_that_was_honoured_counts_no_unhonoured_decision() {
         0
     );
 }
+
+#[test]
+fn with_release_batching_every_count_still_returns_to_zero() {
+    let pool = Pool::start_configured(
+        "LEAST_OUTSTANDING_REQUESTS",
+        r#""release_batching_ms": 10, "passive_health": false"#,
+        |config| config.replace("timeout: 0s", "timeout: 2s"),
+    );
+    let listener = pool.envoy.listener;
+    // Aborts, resets, timeouts and successes, from many connections (so both workers).
+    let aborted: Vec<_> = (0..12)
+        .map(|_| send(listener, "/v1/completions", &[HOLD]).unwrap())
+        .collect();
+    wait_until(Duration::from_secs(10), "held requests to arrive", || {
+        pool.total_active() == 12
+    });
+    drop(aborted);
+    let workers: Vec<_> = (0..30)
+        .map(|i| {
+            thread::spawn(move || {
+                request(listener, "/v1/completions", reset_hold_or_short(i))
+                    .unwrap()
+                    .status
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    pool.envoy.wait_for_zero_in_flight(CLUSTER);
+    // Exact again once every folded release is written: long requests spread evenly.
+    let held = pool.hold(6);
+    assert_eq!(pool.active_per_backend(), vec![2, 2, 2]);
+    pool.release(held);
+    pool.envoy.wait_for_zero_in_flight(CLUSTER);
+    assert_eq!(
+        pool.envoy
+            .stat(&format!("model_lb.{CLUSTER}.counter_corrections")),
+        0
+    );
+}

@@ -129,15 +129,19 @@ impl RootContext for Root {
         };
         let Some(now_ms) = host::now_ms() else { return };
         filter.set_now(now_ms);
+        filter.flush_folded();
         // Ticks come a little early or late: half a tick of slack keeps housekeeping at its
         // interval instead of skipping every other tick when the two periods are equal.
-        if now_ms.saturating_add(filter.tick_ms / 2) >= self.next_housekeeping_ms {
+        let housekeeping = now_ms.saturating_add(filter.tick_ms / 2) >= self.next_housekeeping_ms;
+        if housekeeping {
             self.next_housekeeping_ms =
                 now_ms.saturating_add(filter.config.housekeeping_interval_ms);
             self.leader = filter.housekeeping(now_ms, &mut self.load);
         }
         let leader = self.leader;
-        if filter.config.server_load.is_some() || filter.config.admin.is_some() {
+        // Server load changes every poll; Envoy's weights only with an admin poll, so without
+        // server load the record is looked at once per housekeeping, not on every short tick.
+        if filter.config.server_load.is_some() || (filter.config.admin.is_some() && housekeeping) {
             self.publish_load_record(&filter, leader);
             self.poll_servers(&filter, leader, now_ms);
             filter.refresh_view();
@@ -240,10 +244,14 @@ impl Filter {
         };
         // Server-load polls and view refreshes need a finer tick than housekeeping; housekeeping
         // itself still runs once per its own interval.
-        let tick_ms = match &config.server_load {
+        let mut tick_ms = match &config.server_load {
             Some(load) => (load.interval_ms / 4).clamp(10, config.housekeeping_interval_ms),
             None => config.housekeeping_interval_ms,
         };
+        if config.release_batching_ms > 0 {
+            tick_ms = tick_ms.min(config.release_batching_ms);
+            tracker.set_fold_releases(true);
+        }
         tracker.set_stale_after_ms(config.server_load.as_ref().map_or(0, |load| {
             load.effective_stale_after_ms(config.endpoints.len())
         }));
@@ -406,6 +414,13 @@ impl Filter {
     fn set_now(&self, now_ms: u64) {
         if let Ok(mut tracker) = self.tracker.try_borrow_mut() {
             tracker.set_now(now_ms);
+        }
+    }
+
+    /// Writes the releases still waiting for a routing write (an idle VM's).
+    fn flush_folded(&self) {
+        if let Ok(mut tracker) = self.tracker.try_borrow_mut() {
+            tracker.flush_folded(&HostStore);
         }
     }
 

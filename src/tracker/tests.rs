@@ -416,7 +416,7 @@ fn a_double_release_is_clamped_and_reported() {
 /// can take a few ticks.
 fn flush_pending(t: &mut PoolTracker, store: &MemoryStore) {
     for tick in 0..1_000 {
-        if t.pending_releases() == 0 {
+        if t.pending_releases() == 0 && t.folded_releases() == 0 {
             return;
         }
         let _ = t.housekeeping(store, 2_000 + tick, 3_600_000);
@@ -428,6 +428,16 @@ fn flush_pending(t: &mut PoolTracker, store: &MemoryStore) {
 /// every increment and decrement must land exactly once.
 #[test]
 fn concurrent_workers_lose_no_update() {
+    concurrent_workers(false);
+}
+
+/// The same with releases folded into the next routing write: still exact.
+#[test]
+fn concurrent_workers_with_folded_releases_lose_no_update() {
+    concurrent_workers(true);
+}
+
+fn concurrent_workers(fold: bool) {
     const WORKERS: usize = 8;
     const ROUNDS: usize = 300;
     const HELD: usize = 5;
@@ -443,6 +453,7 @@ fn concurrent_workers_lose_no_update() {
             go_txs.push(go_tx);
             std::thread::spawn(move || {
                 let mut t = worker(&store, 7, w as u64 + 1);
+                t.set_fold_releases(fold);
                 let mut rng = SplitMix64::new(w as u64);
                 let (mut routed, mut released, mut failed_open) = (0usize, 0usize, 0usize);
                 let mut route_some = |t: &mut PoolTracker, n: usize| -> Vec<Ticket> {
@@ -466,7 +477,10 @@ fn concurrent_workers_lose_no_update() {
                         // Deferred releases are part of the contract: applied by housekeeping.
                         let outcome = t.release(&*store, ticket, Outcome::Neutral);
                         assert!(
-                            matches!(outcome, Release::Applied | Release::Deferred),
+                            matches!(
+                                outcome,
+                                Release::Applied | Release::Deferred | Release::Folded
+                            ),
                             "{outcome:?}"
                         );
                         released += 1;
@@ -481,7 +495,10 @@ fn concurrent_workers_lose_no_update() {
                 for ticket in held {
                     let outcome = t.release(&*store, ticket, Outcome::Neutral);
                     assert!(
-                        matches!(outcome, Release::Applied | Release::Deferred),
+                        matches!(
+                            outcome,
+                            Release::Applied | Release::Deferred | Release::Folded
+                        ),
                         "{outcome:?}"
                     );
                     released += 1;
@@ -524,6 +541,32 @@ fn concurrent_workers_lose_no_update() {
         store.conflicts_seen() > 0,
         "the test must actually exercise CAS conflicts"
     );
+}
+
+#[test]
+fn folded_releases_ride_on_the_next_route_and_a_tick_flushes_the_rest() {
+    let store = MemoryStore::new();
+    let mut t = worker(&store, 2, 1);
+    t.set_fold_releases(true);
+    let mut rng = SplitMix64::new(1);
+    let a = route(&mut t, &store, &mut rng);
+    let b = route(&mut t, &store, &mut rng);
+    assert_eq!(totals(&store), vec![1, 1]);
+    assert_eq!(
+        t.release(&store, a.ticket, Outcome::Neutral),
+        Release::Folded
+    );
+    // Not written yet...
+    assert_eq!(totals(&store).iter().sum::<u32>(), 2);
+    // ...until the next route carries it in the same write (and sees the freed endpoint).
+    let c = route(&mut t, &store, &mut rng);
+    assert_eq!(totals(&store).iter().sum::<u32>(), 2);
+    assert_eq!(t.folded_releases(), 0);
+    t.release(&store, b.ticket, Outcome::Neutral);
+    t.release(&store, c.ticket, Outcome::Failure);
+    t.housekeeping(&store, 2_000, TTL).unwrap();
+    assert_eq!(totals(&store), vec![0, 0]);
+    assert_eq!(t.take_events().corrections, 0);
 }
 
 #[test]
