@@ -233,6 +233,13 @@ impl Root {
             Ok((report, local)) => {
                 self.load.collector.report(&address, report, local, now_ms);
                 self.load.last_error.remove(&address);
+                // Published at once rather than on the next tick: the other VMs' view lags
+                // the server by one poll, not by a poll and a tick.
+                if self.load.publishing {
+                    if let Some(record) = self.load.collector.take_record() {
+                        let _ = HostStore.set(&tracker.load_record_key(), &record, 0);
+                    }
+                }
             }
             Err(why) => {
                 self.load
