@@ -52,6 +52,11 @@ bench: build sim envoy
 bench-overhead: build noop-filter sim envoy wrk-tool
 	target/sim/model-bench overhead
 
+## bench-replicas: 1-8 Envoy replicas in front of 20 simulated servers, open loop split at random (~25 min) -> bench/results/replicas.*
+.PHONY: bench-replicas
+bench-replicas: build sim envoy
+	target/sim/model-bench replicas
+
 # The filter with the test-only crash switch, in its own target dir so it never replaces the real one.
 crash-wasm: wasm-target
 	cargo build --release --target wasm32-wasip1 --features test-vm-crash --target-dir target/test-vm-crash

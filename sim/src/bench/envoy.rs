@@ -9,6 +9,19 @@ use super::Policy;
 /// The header model-lb writes and the override_host policy reads.
 pub const ENDPOINT_HEADER: &str = "x-gateway-destination-endpoint";
 
+/// The Envoy cluster that points at Envoy's own admin listener (as in `envoy/envoy.yaml`), for
+/// plugin configurations with `admin_cluster`.
+pub const ADMIN_CLUSTER: &str = "model_lb_admin";
+
+/// The filter's poll interval for server load in production, and its default budget of polls
+/// per second (`src/server_load.rs`): 20 endpoints every 100 ms.
+pub const PRODUCTION_POLL_INTERVAL_MS: f64 = 100.0;
+pub const PRODUCTION_MAX_POLLS_PER_SECOND: f64 = 200.0;
+
+/// What the overhead benchmark's fast backend answers on `/metrics`: the two gauges the
+/// filter's server-load poll reads, as vLLM names them.
+pub const FAST_BACKEND_METRICS: &str = "vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n";
+
 const HCM: &str =
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
@@ -16,7 +29,7 @@ const LEAST_REQUEST: &str =
     "type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest";
 
 /// One listener of a generated config: its name (also its cluster's and, with the filter, the
-/// plugin's `cluster`), its policy, and extra fields for the plugin configuration.
+/// plugin's `pool`), its policy, and extra fields for the plugin configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Variant {
     pub name: String,
@@ -25,6 +38,8 @@ pub struct Variant {
     /// A wasm filter that does nothing, loaded in front of the router (the overhead
     /// benchmark's floor for any wasm filter).
     pub noop_wasm: Option<String>,
+    /// `load_balancing_weight` of each endpoint, in the order of the ports; empty: none set.
+    pub weights: Vec<u32>,
 }
 
 impl Variant {
@@ -34,8 +49,55 @@ impl Variant {
             policy,
             plugin_extra: serde_json::Map::new(),
             noop_wasm: None,
+            weights: Vec::new(),
         }
     }
+
+    /// Whether the plugin configuration names [`ADMIN_CLUSTER`] (the Envoy then needs it).
+    pub fn uses_admin_cluster(&self) -> bool {
+        self.plugin_extra.get("admin_cluster") == Some(&json!(ADMIN_CLUSTER))
+    }
+
+    /// Adds the filter's `server_load` block (polling `/metrics` of every endpoint through the
+    /// variant's own cluster, named when the plugin configuration is generated) with its
+    /// `interval_ms`, staleness 10 intervals and a budget of `max_polls_per_second`.
+    pub fn with_server_load(mut self, interval_ms: u64, max_polls_per_second: u64) -> Self {
+        let config = server_load_config(interval_ms, max_polls_per_second);
+        self.plugin_extra.insert("server_load".into(), config);
+        self
+    }
+
+    /// Sets the endpoints' Envoy weights and lets the filter read them from the admin API.
+    pub fn with_weights(mut self, weights: Vec<u32>) -> Self {
+        self.weights = weights;
+        self.plugin_extra
+            .insert("admin_cluster".into(), json!(ADMIN_CLUSTER));
+        self
+    }
+}
+
+/// The plugin's `server_load` block: vLLM's running and waiting gauges from `/metrics`, polled
+/// every `interval_ms`, stale after 10 intervals. [`plugin_config`] adds `cluster`: the
+/// listener's own override_host cluster, which the polls go through.
+pub fn server_load_config(interval_ms: u64, max_polls_per_second: u64) -> Value {
+    json!({
+        "source": "metrics",
+        "path": "/metrics",
+        "interval_ms": interval_ms,
+        "stale_after_ms": 10 * interval_ms,
+        "running_metric": "vllm:num_requests_running",
+        "waiting_metric": "vllm:num_requests_waiting",
+        "max_polls_per_second": max_polls_per_second
+    })
+}
+
+/// The poll interval and budget at `time_scale`: production's 100 ms and 200 polls/s with
+/// time scaled, so that the interval stands in the same ratio to a request's duration, and the
+/// budget to the polls it must pay for, as in production. The filter accepts 10 ms at least.
+pub fn scaled_polling(time_scale: f64) -> (u64, u64) {
+    let interval = (PRODUCTION_POLL_INTERVAL_MS * time_scale).round().max(10.0);
+    let budget = (PRODUCTION_MAX_POLLS_PER_SECOND * PRODUCTION_POLL_INTERVAL_MS / interval).ceil();
+    (interval as u64, budget as u64)
 }
 
 fn endpoint_list(ports: &[u16]) -> Vec<String> {
@@ -50,11 +112,16 @@ pub fn plugin_config(variant: &Variant, ports: &[u16]) -> Value {
     };
     let mut config = serde_json::Map::new();
     config.insert("routing_strategy".into(), json!(strategy));
-    config.insert("cluster".into(), json!(variant.name));
+    config.insert("pool".into(), json!(variant.name));
     config.insert("endpoints".into(), json!(endpoint_list(ports)));
     config.insert("endpoint_header".into(), json!(ENDPOINT_HEADER));
     for (k, v) in &variant.plugin_extra {
         config.insert(k.clone(), v.clone());
+    }
+    if let Some(Value::Object(server_load)) = config.get_mut("server_load") {
+        server_load
+            .entry("cluster")
+            .or_insert_with(|| json!(variant.name));
     }
     Value::Object(config)
 }
@@ -169,7 +236,14 @@ pub fn lb_policy(policy: Policy) -> Value {
 fn cluster(variant: &Variant, ports: &[u16]) -> Value {
     let endpoints: Vec<Value> = ports
         .iter()
-        .map(|p| json!({"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}))
+        .enumerate()
+        .map(|(i, p)| {
+            let mut endpoint = json!({"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}});
+            if let Some(w) = variant.weights.get(i) {
+                endpoint["load_balancing_weight"] = json!(w);
+            }
+            endpoint
+        })
         .collect();
     json!({
         "name": variant.name,
@@ -185,17 +259,45 @@ fn cluster(variant: &Variant, ports: &[u16]) -> Value {
 }
 
 fn admin() -> Value {
-    json!({"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}})
+    admin_at(0)
+}
+
+fn admin_at(port: u16) -> Value {
+    json!({"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}})
 }
 
 /// One Envoy with a listener and a cluster per variant, all over the same endpoints.
 pub fn proxy_config(wasm: &str, ports: &[u16], variants: &[Variant]) -> Value {
+    proxy_config_with_admin(wasm, ports, variants, None)
+}
+
+/// [`proxy_config`] with the admin listener on `admin_port` (0 or `None`: any free port). When a
+/// variant's plugin names [`ADMIN_CLUSTER`], the config gets that cluster, pointing at this very
+/// Envoy's admin port, which must then be known (not 0) when the config is written.
+pub fn proxy_config_with_admin(
+    wasm: &str,
+    ports: &[u16],
+    variants: &[Variant],
+    admin_port: Option<u16>,
+) -> Value {
+    let mut clusters: Vec<Value> = variants.iter().map(|v| cluster(v, ports)).collect();
+    let port = admin_port.unwrap_or(0);
+    if variants.iter().any(Variant::uses_admin_cluster) {
+        clusters.push(json!({
+            "name": ADMIN_CLUSTER,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": ADMIN_CLUSTER, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
+            ]}]}
+        }));
+    }
     json!({
         "static_resources": {
             "listeners": variants.iter().map(|v| listener(v, wasm, ports)).collect::<Vec<_>>(),
-            "clusters": variants.iter().map(|v| cluster(v, ports)).collect::<Vec<_>>(),
+            "clusters": clusters,
         },
-        "admin": admin()
+        "admin": admin_at(port)
     })
 }
 
@@ -228,8 +330,22 @@ pub fn overhead_variants(noop_wasm: &str) -> Vec<Variant> {
     ]
 }
 
+/// The overhead benchmark's LOR with server load: the filter's production polling (every
+/// endpoint every 100 ms through the pool's cluster, at most 200 polls a second, so 256
+/// endpoints are each polled every 1.28 s). It runs in an Envoy of its own, so that its polls
+/// cost only its own measurement.
+pub fn overhead_server_load_variant() -> Variant {
+    let mut v = Variant::of(Policy::ModelLbLor);
+    v.name = "mlb_lor_server_load".into();
+    v.with_server_load(
+        PRODUCTION_POLL_INTERVAL_MS as u64,
+        PRODUCTION_MAX_POLLS_PER_SECOND as u64,
+    )
+}
+
 /// A backend that answers every request at once with a 2-byte 200 (`direct_response`), on
-/// `count` listeners of one process: 256 endpoints cost one process.
+/// `count` listeners of one process: 256 endpoints cost one process. `/metrics` answers with
+/// [`FAST_BACKEND_METRICS`], for the server-load variant's polls.
 pub fn fast_backend_config(count: u32) -> Value {
     let listeners: Vec<Value> = (0..count)
         .map(|i| {
@@ -244,10 +360,16 @@ pub fn fast_backend_config(count: u32) -> Value {
                         "route_config": {"virtual_hosts": [{
                             "name": "b",
                             "domains": ["*"],
-                            "routes": [{
-                                "match": {"prefix": "/"},
-                                "direct_response": {"status": 200, "body": {"inline_string": "ok"}}
-                            }]
+                            "routes": [
+                                {
+                                    "match": {"path": "/metrics"},
+                                    "direct_response": {"status": 200, "body": {"inline_string": FAST_BACKEND_METRICS}}
+                                },
+                                {
+                                    "match": {"prefix": "/"},
+                                    "direct_response": {"status": 200, "body": {"inline_string": "ok"}}
+                                }
+                            ]
                         }]},
                         "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}]
                     }
@@ -385,14 +507,14 @@ mod tests {
         };
         let lor = plugin(Policy::ModelLbLor);
         assert_eq!(lor["routing_strategy"], "LEAST_OUTSTANDING_REQUESTS");
-        assert_eq!(lor["cluster"], "mlb_lor");
+        assert_eq!(lor["pool"], "mlb_lor");
         assert_eq!(
             lor["endpoints"],
             json!(["127.0.0.1:8001", "127.0.0.1:8002"])
         );
         let random = plugin(Policy::ModelLbRandom);
         assert_eq!(random["routing_strategy"], "RANDOM");
-        assert_eq!(random["cluster"], "mlb_random", "counts never mix");
+        assert_eq!(random["pool"], "mlb_random", "counts never mix");
     }
 
     #[test]
@@ -412,7 +534,7 @@ mod tests {
         );
         let plugin = plugin_config(&variants[5], &[9]);
         assert_eq!(plugin["passive_health"], false);
-        assert_eq!(plugin["cluster"], "mlb_lor_no_passive");
+        assert_eq!(plugin["pool"], "mlb_lor_no_passive");
         let config = proxy_config("/w/model_lb.wasm", &[9], &variants);
         assert_eq!(
             config["static_resources"]["listeners"]
@@ -438,9 +560,100 @@ mod tests {
         let config = fast_backend_config(256);
         let listeners = config["static_resources"]["listeners"].as_array().unwrap();
         assert_eq!(listeners.len(), 256);
-        let route = &listeners[255]["filter_chains"][0]["filters"][0]["typed_config"]
-            ["route_config"]["virtual_hosts"][0]["routes"][0];
-        assert_eq!(route["direct_response"]["status"], 200);
+        let routes = &listeners[255]["filter_chains"][0]["filters"][0]["typed_config"]
+            ["route_config"]["virtual_hosts"][0]["routes"];
+        assert_eq!(routes[1]["match"]["prefix"], "/");
+        assert_eq!(routes[1]["direct_response"]["status"], 200);
+        // The poll path answers with vLLM's two gauges, before the catch-all.
+        assert_eq!(routes[0]["match"]["path"], "/metrics");
+        let text = routes[0]["direct_response"]["body"]["inline_string"]
+            .as_str()
+            .unwrap();
+        assert_eq!(
+            text,
+            "vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n"
+        );
+    }
+
+    #[test]
+    fn server_load_polls_the_pool_cluster_at_the_scaled_interval() {
+        assert_eq!(scaled_polling(1.0), (100, 200));
+        assert_eq!(scaled_polling(0.5), (50, 400));
+        assert_eq!(scaled_polling(0.25), (25, 800));
+        assert_eq!(scaled_polling(0.01).0, 10, "the filter's minimum");
+        let v = Variant::of(Policy::ModelLbLor).with_server_load(50, 400);
+        let plugin = plugin_config(&v, &[8001]);
+        assert_eq!(
+            plugin["server_load"],
+            json!({
+                "source": "metrics",
+                "path": "/metrics",
+                "interval_ms": 50,
+                "stale_after_ms": 500,
+                "cluster": "mlb_lor",
+                "running_metric": "vllm:num_requests_running",
+                "waiting_metric": "vllm:num_requests_waiting",
+                "max_polls_per_second": 400
+            })
+        );
+        assert!(plugin.get("admin_cluster").is_none());
+        // The overhead variant polls as in production.
+        let o = plugin_config(&overhead_server_load_variant(), &[1]);
+        assert_eq!(o["pool"], "mlb_lor_server_load");
+        assert_eq!(o["server_load"]["cluster"], "mlb_lor_server_load");
+        assert_eq!(o["server_load"]["interval_ms"], 100);
+        assert_eq!(o["server_load"]["max_polls_per_second"], 200);
+    }
+
+    #[test]
+    fn weights_go_on_the_endpoints_and_the_admin_cluster_points_at_this_envoy() {
+        let mut v = Variant::of(Policy::ModelLbLor)
+            .with_server_load(50, 400)
+            .with_weights(vec![2, 4]);
+        v.name = "mlb_lor_w".into();
+        let config = proxy_config_with_admin("/x.wasm", &[8001, 8002], &[v], Some(9911));
+        assert_eq!(
+            config["admin"]["address"]["socket_address"]["port_value"],
+            9911
+        );
+        let c = cluster_of(&config, "mlb_lor_w");
+        let hosts = c["load_assignment"]["endpoints"][0]["lb_endpoints"]
+            .as_array()
+            .unwrap();
+        assert_eq!(hosts[0]["load_balancing_weight"], 2);
+        assert_eq!(hosts[1]["load_balancing_weight"], 4);
+        let admin = cluster_of(&config, ADMIN_CLUSTER);
+        assert_eq!(
+            admin["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+                ["socket_address"]["port_value"],
+            9911
+        );
+        let f = &http_filters(listener_of(&config, "mlb_lor_w"))[0];
+        let plugin: Value = serde_json::from_str(
+            f["typed_config"]["config"]["configuration"]["value"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(plugin["admin_cluster"], ADMIN_CLUSTER);
+        assert_eq!(
+            plugin["server_load"]["cluster"], "mlb_lor_w",
+            "the listener's own cluster, whenever the variant was renamed"
+        );
+        // Without weights: no admin cluster, no weights.
+        let plain = proxy_config("/x.wasm", &[8001], &[Variant::of(Policy::ModelLbLor)]);
+        assert_eq!(
+            plain["static_resources"]["clusters"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(
+            cluster_of(&plain, "mlb_lor")["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+                .get("load_balancing_weight")
+                .is_none()
+        );
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //!   ideal, the ratios, and the timing-model check.
 //! * [`render`]: `seed-matrix.json`, `.md` and `.svg`.
 //! * [`overhead`]: the proxy-overhead benchmark's aggregation and report.
+//! * [`replicas`]: several Envoy replicas in front of the same servers: the plan, the arrival
+//!   rate, the share of requests that waited, the targets and the reports.
 //! * [`procstat`]: CPU time from `/proc`.
 
 pub mod envoy;
@@ -12,6 +14,7 @@ pub mod overhead;
 pub mod pool;
 pub mod procstat;
 pub mod render;
+pub mod replicas;
 
 use crate::model::TimingModel;
 
@@ -45,7 +48,7 @@ impl Policy {
         }
     }
 
-    /// Short id: Envoy listener, cluster and plugin `cluster` name; `--policies` value.
+    /// Short id: Envoy listener, cluster and plugin `pool` name; `--policies` value.
     pub fn id(self) -> &'static str {
         match self {
             Self::ModelLbLor => "mlb_lor",

@@ -168,6 +168,8 @@ pub struct OverheadReport {
     pub measurements: Vec<Measurement>,
     pub machine_line: String,
     pub method: String,
+    /// Extra lines after the method: what polling alone costs, variants not run.
+    pub notes: Vec<String>,
     pub elapsed_s: f64,
     pub smoke: bool,
 }
@@ -185,6 +187,12 @@ pub fn markdown(r: &OverheadReport) -> String {
         r.elapsed_s,
         r.method
     );
+    for note in &r.notes {
+        let _ = writeln!(md, "- {note}");
+    }
+    if !r.notes.is_empty() {
+        let _ = writeln!(md);
+    }
     let _ = writeln!(
         md,
         "| variant | endpoints | requests/s | P50 ms | P99 ms | Envoy CPU µs/request (median, min-max) | vs LEAST_REQUEST (paired median) | proxy cores | errors |"
@@ -364,6 +372,7 @@ mod tests {
             measurements: ms,
             machine_line: "today".into(),
             method: "how".into(),
+            notes: vec!["4 endpoints, polls: 40/s".into()],
             elapsed_s: 1.0,
             smoke: false,
         };
@@ -372,6 +381,10 @@ mod tests {
         assert!(md.contains("| mlb_lor | 60.0 | 70.0 | +17 % |"), "{md}");
         assert!(md.contains("- 4 endpoints: 1.20x: met"));
         assert!(md.contains("- 256 endpoints: 1.40x: **missed**"));
+        assert!(
+            md.contains("how\n\n- 4 endpoints, polls: 40/s\n\n| variant |"),
+            "{md}"
+        );
         assert_eq!(median(&[]), None);
         assert_eq!(median(&[3.0, 1.0, 2.0, 10.0]), Some(2.5));
     }

@@ -247,7 +247,7 @@ pub fn markdown(r: &MatrixReport) -> String {
     );
     let _ = writeln!(
         md,
-        "- **Envoy** `--concurrency {}`, one listener and one cluster per policy over the same servers; model-lb listeners each name their own plugin `cluster`, so their counts never mix. {}",
+        "- **Envoy** `--concurrency {}`, one listener and one cluster per policy over the same servers; model-lb listeners each name their own plugin `pool`, so their counts never mix. {}",
         p.envoy_concurrency, r.validation
     );
     let _ = writeln!(
@@ -369,7 +369,7 @@ pub fn nice_ticks(max: f64) -> (f64, f64) {
     (step, (max / step).ceil() * step)
 }
 
-fn esc(s: &str) -> String {
+pub fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

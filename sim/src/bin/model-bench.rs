@@ -10,13 +10,18 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use model_sim::bench::envoy::{
-    fast_backend_config, listener_addresses, matrix_config, overhead_variants, proxy_config,
+    fast_backend_config, listener_addresses, matrix_config, overhead_server_load_variant,
+    overhead_variants, proxy_config, proxy_config_with_admin, Variant,
 };
 use model_sim::bench::overhead::{self, Measurement, OverheadReport};
-use model_sim::bench::pool::{cells, ideals, Run};
+use model_sim::bench::pool::{cells, ideals, Run, Stats};
 use model_sim::bench::procstat::{machine_ticks, process_ticks, Busiest, Series, Usage};
 use model_sim::bench::render::{self, Machine, MatrixReport};
-use model_sim::bench::{parse_sizes, MatrixParams, Policy};
+use model_sim::bench::replicas::{
+    self, parse_policies, polls_from_stats, weights_from_stats, Cpu, Planned, ReplicaPolicy,
+    ReplicaRun, ReplicasParams, ReplicasReport, Scenario, WaitCounts,
+};
+use model_sim::bench::{parse_sizes, MatrixParams, Policy, ServerParams};
 use model_sim::report::Sample;
 use serde_json::Value;
 
@@ -25,9 +30,18 @@ usage: model-bench matrix   [--smoke] [--out DIR] [--sizes 4x1,20x5] [--rounds N
                             [--duration SECONDS] [--policies mlb_lor,mlb_random,...]
        model-bench overhead [--smoke] [--out DIR] [--rounds N] [--seconds N]
                             [--endpoints 4,256]
+       model-bench replicas [--smoke] [--out DIR] [--replicas 1,2,4,8] [--rounds N]
+                            [--duration SECONDS] [--warmup SECONDS] [--time-scale F]
+                            [--load F] [--servers N] [--scenarios open,mixed,closed]
+                            [--policies mlb_lor,mlb_lor_server_load,least_request_full_scan,
+                                        least_request,mlb_random]
+                            [--mixed-policies ...] [--closed-policies ...]
 
 matrix:   SageMaker's experiment through Envoy for every policy -> DIR/seed-matrix.{json,md,svg}
 overhead: Envoy CPU per request, model-lb against Envoy's balancers -> DIR/overhead.{json,md}
+replicas: R Envoy replicas in front of the same servers, open loop split at random over them
+          -> DIR/replicas.{json,md,svg}. Policies with server load are skipped (and said so)
+          when the filter rejects `server_load`, unless a --*policies flag names them.
 DIR defaults to bench/results. Run from the repository root (make bench does).";
 
 /// /proc reports CPU time in USER_HZ, which Linux fixes at 100 for user space.
@@ -180,6 +194,22 @@ impl Env {
         if let Ok(mut dir) = WORK_DIR.lock() {
             *dir = Some(work.clone());
         }
+        // Every Envoy of the run loads this copy: a `make build` while a benchmark runs must not
+        // change the filter halfway through.
+        let copy = work.join("model_lb.wasm");
+        std::fs::copy(&wasm, &copy).map_err(|e| format!("{}: {e}", wasm.display()))?;
+        let wasm = copy;
+        // Likewise the simulated servers and the load tool (`make sim` may run meanwhile).
+        let bin = work.join("bin");
+        std::fs::create_dir_all(&bin).map_err(|e| e.to_string())?;
+        for tool in ["model-server", "model-load"] {
+            let from = sim.join(tool);
+            if from.exists() {
+                std::fs::copy(&from, bin.join(tool))
+                    .map_err(|e| format!("{}: {e}", from.display()))?;
+            }
+        }
+        let sim = bin;
         Ok(Self {
             envoy,
             wasm,
@@ -251,6 +281,18 @@ impl Env {
         config: &Value,
         concurrency: u32,
     ) -> Result<(Proc, Vec<(String, String)>), String> {
+        let mut starting = self.spawn_envoy(name, config, concurrency)?;
+        let (_, listeners) = self.await_envoy(&mut starting)?;
+        Ok((starting.proc, listeners))
+    }
+
+    /// Starts Envoy on `config` without waiting for it (several start in parallel).
+    fn spawn_envoy(
+        &self,
+        name: &str,
+        config: &Value,
+        concurrency: u32,
+    ) -> Result<StartingEnvoy, String> {
         let path = self.write_config(name, config)?;
         let admin_path = self.work.join(format!("{name}.admin"));
         let _ = std::fs::remove_file(&admin_path);
@@ -267,14 +309,28 @@ impl Env {
             .stderr(log)
             .spawn()
             .map_err(|e| format!("envoy: {e}"))?;
-        let mut proc = Proc::new(child, format!("envoy {name}"));
+        Ok(StartingEnvoy {
+            proc: Proc::new(child, format!("envoy {name}")),
+            name: name.to_owned(),
+            admin_path,
+            log_path,
+        })
+    }
+
+    /// Waits until a started Envoy is ready; returns its admin address and its listeners'
+    /// addresses by name.
+    fn await_envoy(
+        &self,
+        starting: &mut StartingEnvoy,
+    ) -> Result<(String, Vec<(String, String)>), String> {
+        let name = &starting.name;
         let deadline = Instant::now() + Duration::from_secs(60);
         let admin = loop {
-            if let Ok(Some(status)) = proc.child.try_wait() {
-                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if let Ok(Some(status)) = starting.proc.child.try_wait() {
+                let log = std::fs::read_to_string(&starting.log_path).unwrap_or_default();
                 return Err(format!("envoy {name} exited ({status}):\n{log}"));
             }
-            if let Ok(text) = std::fs::read_to_string(&admin_path) {
+            if let Ok(text) = std::fs::read_to_string(&starting.admin_path) {
                 let admin = text.trim().to_owned();
                 if http_get(&admin, "/ready").is_some_and(|(status, _)| status == 200) {
                     break admin;
@@ -287,8 +343,16 @@ impl Env {
         };
         let (_, body) = http_get(&admin, "/listeners?format=json").ok_or("no /listeners")?;
         let json: Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
-        Ok((proc, listener_addresses(&json)))
+        Ok((admin, listener_addresses(&json)))
     }
+}
+
+/// An Envoy that was started and may not be ready yet.
+struct StartingEnvoy {
+    proc: Proc,
+    name: String,
+    admin_path: PathBuf,
+    log_path: PathBuf,
 }
 
 fn address_of(listeners: &[(String, String)], name: &str) -> Result<String, String> {
@@ -299,7 +363,7 @@ fn address_of(listeners: &[(String, String)], name: &str) -> Result<String, Stri
         .ok_or_else(|| format!("Envoy has no listener {name}"))
 }
 
-/// A minimal HTTP/1.1 GET for Envoy's admin API: (status, body).
+/// A minimal HTTP/1.1 GET for Envoy's admin API and the servers' `/metrics`: (status, body).
 fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     let mut stream = std::net::TcpStream::connect(addr).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
@@ -311,8 +375,18 @@ fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     let mut text = String::new();
     stream.read_to_string(&mut text).ok()?;
     let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    Some((status, dechunk(body)))
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let chunked = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
+    Some((
+        status,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        },
+    ))
 }
 
 /// Joins the chunks of a chunked body (Envoy's admin answers chunked); a body that is not
@@ -402,6 +476,17 @@ impl CpuWatch {
                 Usage::default(),
                 |a, b| if b.average > a.average { b } else { a },
             )
+    }
+
+    /// All processes of `role` together.
+    fn role_total(&self, role: &str) -> Usage {
+        let mut sum = Usage::default();
+        for (_, _, s) in self.processes.iter().filter(|(r, _, _)| r == role) {
+            let u = s.usage(PEAK_WINDOW_S);
+            sum.average += u.average;
+            sum.peak += u.peak;
+        }
+        sum
     }
 
     fn total(&self) -> Usage {
@@ -600,6 +685,422 @@ fn matrix(env: &Env, params: &MatrixParams, smoke: bool, out: &Path) -> Result<(
     Ok(())
 }
 
+/// The simulated servers of one fleet.
+struct Fleet {
+    procs: Vec<Proc>,
+    ports: Vec<u16>,
+    batches: Vec<u32>,
+}
+
+impl Fleet {
+    fn start(env: &Env, server: &ServerParams, batches: &[u32]) -> Result<Fleet, String> {
+        let mut procs = Vec::new();
+        let mut ports = Vec::new();
+        for (i, &batch) in batches.iter().enumerate() {
+            let args = ServerParams {
+                max_batch: batch,
+                ..server.clone()
+            }
+            .args();
+            let (proc, port) = env.server(2000 + i as u64, &args)?;
+            procs.push(proc);
+            ports.push(port);
+        }
+        Ok(Fleet {
+            procs,
+            ports,
+            batches: batches.to_vec(),
+        })
+    }
+
+    /// Every server's admitted and queued counters, in port order.
+    fn waits(&self) -> Result<Vec<WaitCounts>, String> {
+        self.ports
+            .iter()
+            .map(|port| {
+                let (status, body) = http_get(&format!("127.0.0.1:{port}"), "/metrics")
+                    .ok_or_else(|| format!("model-server on port {port}: no /metrics"))?;
+                if status != 200 {
+                    return Err(format!("model-server on port {port}: /metrics {status}"));
+                }
+                WaitCounts::parse(&body)
+                    .ok_or_else(|| format!("model-server on port {port}: no wait counters"))
+            })
+            .collect()
+    }
+}
+
+/// A free loopback port, for an Envoy admin listener that its own config must name.
+fn free_port() -> Result<u16, String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    Ok(listener.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+/// Whether the filter accepts a `server_load` block: `Ok(None)` yes, `Ok(Some(line))` no, with
+/// the filter's log line; `Err` when Envoy failed otherwise.
+fn probe_server_load(env: &Env, polling: (u64, u64)) -> Result<Option<String>, String> {
+    let variant = ReplicaPolicy::LorServerLoad.variant(polling, &[1]);
+    let config = proxy_config_with_admin(&env.wasm(), &[9], &[variant], None);
+    match env.envoy("probe-server-load", &config, 1) {
+        Ok((proc, _)) => {
+            drop(proc);
+            Ok(None)
+        }
+        Err(e) if e.contains("rejecting plugin configuration") => Ok(Some(
+            e.lines()
+                .find(|l| l.contains("rejecting plugin configuration"))
+                .and_then(|l| l.split_once("model-lb: rejecting"))
+                .map_or_else(
+                    || "rejecting plugin configuration".to_owned(),
+                    |(_, rest)| format!("rejecting{rest}"),
+                ),
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+/// One run: R fresh Envoy replicas for the policy, one `model-load`, the servers' counters
+/// scraped at the start and the end of the measured window, CPU sampled throughout.
+fn replica_run(
+    env: &Env,
+    params: &ReplicasParams,
+    fleet: &Fleet,
+    planned: &Planned,
+    rate: Option<f64>,
+) -> Result<ReplicaRun, String> {
+    let policy = planned.policy;
+    let variant = policy.variant(params.polling(), &fleet.batches);
+    let mut configs = Vec::new();
+    for _ in 0..planned.replicas {
+        // An admin cluster points at this Envoy's own admin port: it must be known up front.
+        let admin_port = if variant.uses_admin_cluster() {
+            Some(free_port()?)
+        } else {
+            None
+        };
+        configs.push(proxy_config_with_admin(
+            &env.wasm(),
+            &fleet.ports,
+            std::slice::from_ref(&variant),
+            admin_port,
+        ));
+    }
+    let mut starting = Vec::new();
+    for (i, config) in configs.iter().enumerate() {
+        starting.push(env.spawn_envoy(&format!("{}-r{i}", policy.id()), config, 1)?);
+    }
+    let mut urls = Vec::new();
+    let mut admins = Vec::new();
+    for s in &mut starting {
+        let (admin, listeners) = env.await_envoy(s)?;
+        urls.push(format!("http://{}", address_of(&listeners, policy.id())?));
+        admins.push(admin);
+    }
+    let (targets, users, users_per_replica) = match planned.scenario {
+        Scenario::Closed if planned.replicas > 1 => (
+            params.closed_urls(&urls),
+            Some(params.closed_users()),
+            params.closed_users_per_replica(),
+        ),
+        Scenario::Closed => (
+            urls.clone(),
+            Some(params.closed_users()),
+            vec![params.closed_users()],
+        ),
+        Scenario::Open | Scenario::Mixed => (urls.clone(), None, Vec::new()),
+    };
+    let samples_path = env.work.join("samples.jsonl");
+    let _ = std::fs::remove_file(&samples_path);
+    let mut command = Command::new(env.sim.join("model-load"));
+    for url in &targets {
+        command.args(["--url", url]);
+    }
+    let load = command
+        .args(params.load_args(rate, users.unwrap_or(0), planned.round))
+        .args(["--label", policy.id()])
+        .arg("--samples")
+        .arg(&samples_path)
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("model-load: {e} (run `make sim`)"))?;
+    let mut load = Proc::new(load, "model-load");
+    let started = Instant::now();
+    let mut watch = CpuWatch::new(vec![
+        (render::LOAD, vec![load.pid()]),
+        (
+            render::ENVOY,
+            starting.iter().map(|s| s.proc.pid()).collect(),
+        ),
+        (render::SERVER, fleet.procs.iter().map(Proc::pid).collect()),
+    ]);
+    let window = [params.warmup_s, params.warmup_s + params.duration_s];
+    // At the start and the end of the measured window: the servers' counters, and the polls
+    // each replica has made so far (with the time they were read).
+    let polls = || -> (Instant, Option<u64>) {
+        let counts: Option<Vec<u64>> = admins
+            .iter()
+            .map(|admin| {
+                let (_, body) = http_get(admin, &format!("/stats?filter={}", policy.id()))?;
+                polls_from_stats(&body, policy.id())
+            })
+            .collect();
+        (Instant::now(), counts.map(|c| c.iter().sum()))
+    };
+    let mut scraped: Vec<Vec<WaitCounts>> = Vec::new();
+    let mut polled = Vec::new();
+    let status = loop {
+        if let Some(status) = load.child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        if let Some(&at) = window.get(scraped.len()) {
+            if elapsed >= at {
+                scraped.push(fleet.waits()?);
+                polled.push(polls());
+                continue;
+            }
+        }
+        watch.sample();
+        let next = window.get(scraped.len()).map_or(SAMPLE_EVERY, |&at| {
+            Duration::from_secs_f64((at - elapsed).max(0.0))
+        });
+        std::thread::sleep(next.min(SAMPLE_EVERY));
+    };
+    watch.sample();
+    if !status.success() {
+        return Err(format!(
+            "model-load against {} failed ({status})",
+            policy.id()
+        ));
+    }
+    while scraped.len() < 2 {
+        scraped.push(fleet.waits()?);
+        polled.push(polls());
+    }
+    // Upstream requests no client sent (the server-load polls), per replica and second of the
+    // measured window.
+    let polls_per_s = match (polled.first(), polled.get(1)) {
+        (Some((t0, Some(p0))), Some((t1, Some(p1)))) if t1 > t0 => Some(
+            p1.saturating_sub(*p0) as f64
+                / t1.duration_since(*t0).as_secs_f64()
+                / f64::from(planned.replicas),
+        ),
+        _ => None,
+    };
+    let weights_seen = match admins.first() {
+        Some(admin) if policy.weighted() => {
+            let body = http_get(admin, "/stats?filter=weight").map_or(String::new(), |(_, b)| b);
+            weights_from_stats(&body, policy.id(), &fleet.ports)
+        }
+        _ => Vec::new(),
+    };
+    for s in &starting {
+        terminate(s.proc.pid());
+    }
+    let machine = watch.machine();
+    let ours = watch.total();
+    let cpu = Cpu {
+        load: watch.usage(render::LOAD),
+        envoy_busiest: watch.usage(render::ENVOY),
+        envoy_total: watch.role_total(render::ENVOY),
+        server_busiest: watch.usage(render::SERVER),
+        servers_total: watch.role_total(render::SERVER),
+        others: Usage {
+            average: (machine.average - ours.average).max(0.0),
+            peak: (machine.peak - ours.peak).max(0.0),
+        },
+        machine,
+    };
+    drop(starting);
+    Ok(ReplicaRun {
+        scenario: planned.scenario,
+        replicas: planned.replicas,
+        policy,
+        run: Run {
+            policy: policy.base(),
+            users: users.unwrap_or(0),
+            instances: params.servers,
+            round: planned.round,
+            samples: read_samples(&samples_path)?,
+            warmup_s: params.warmup_s,
+            duration_s: params.duration_s,
+        },
+        rate_per_s: rate,
+        users,
+        users_per_replica,
+        waits: WaitCounts::delta(&scraped[0], &scraped[1]),
+        cpu,
+        polls_per_s_per_replica: polls_per_s,
+        weights_seen,
+    })
+}
+
+fn replicas(
+    env: &Env,
+    params: &ReplicasParams,
+    explicit_server_load: bool,
+    smoke: bool,
+    out: &Path,
+) -> Result<(), String> {
+    let started = Instant::now();
+    // The commit and the time the filter was copied for the run, not when it ended.
+    let machine_at_start = machine();
+    let polling = params.polling();
+    let mut plan = params.plan();
+    let mut skipped = Vec::new();
+    if plan.iter().any(|r| r.policy.needs_server_load()) {
+        if let Some(line) = probe_server_load(env, polling)? {
+            if explicit_server_load {
+                return Err(format!(
+                    "the filter (target/wasm32-wasip1/release/model_lb.wasm) does not accept `server_load` yet: {line}"
+                ));
+            }
+            let names: Vec<&str> = ReplicaPolicy::ALL
+                .iter()
+                .filter(|p| p.needs_server_load() && plan.iter().any(|r| r.policy == **p))
+                .map(|p| p.name())
+                .collect();
+            let note = format!(
+                "{}: the filter (target/wasm32-wasip1/release/model_lb.wasm) does not accept `server_load` yet (\"{line}\"). Rerun `make bench-replicas` once it does.",
+                names.join(", ")
+            );
+            eprintln!("model-bench: skipping {note}");
+            skipped.push(note);
+            plan.retain(|r| !r.policy.needs_server_load());
+        }
+    }
+    let open_batches = params.fleet(Scenario::Open);
+    let mixed_batches = params.fleet(Scenario::Mixed);
+    let open_capacity = params.capacity_per_s(&open_batches)?;
+    let mixed_capacity = params.capacity_per_s(&mixed_batches)?;
+    let (open_rate, mixed_rate) = (open_capacity * params.load, mixed_capacity * params.load);
+    eprintln!(
+        "model-bench: {} runs; poll interval {} ms, arrivals {open_rate:.2}/s (uniform fleet), {mixed_rate:.2}/s (mixed fleet)",
+        plan.len(),
+        polling.0
+    );
+    let mut fleet: Option<(bool, Fleet)> = None;
+    let mut runs = Vec::new();
+    for (i, planned) in plan.iter().enumerate() {
+        let mixed = planned.scenario.mixed_fleet();
+        if fleet.as_ref().map(|(m, _)| *m) != Some(mixed) {
+            drop(fleet.take());
+            let batches = if mixed { &mixed_batches } else { &open_batches };
+            let servers = Fleet::start(env, &params.server, batches)?;
+            // Every policy this fleet will see, in one config, checked once.
+            let mut variants: Vec<Variant> = Vec::new();
+            for r in plan.iter().filter(|r| r.scenario.mixed_fleet() == mixed) {
+                if !variants.iter().any(|v| v.name == r.policy.id()) {
+                    variants.push(r.policy.variant(polling, batches));
+                }
+            }
+            let admin = Some(free_port()?);
+            let config = proxy_config_with_admin(&env.wasm(), &servers.ports, &variants, admin);
+            env.validate(if mixed { "mixed" } else { "uniform" }, &config)?;
+            fleet = Some((mixed, servers));
+        }
+        let Some((_, servers)) = fleet.as_ref() else {
+            return Err("no servers".into());
+        };
+        let rate = match planned.scenario {
+            Scenario::Open => Some(open_rate),
+            Scenario::Mixed => Some(mixed_rate),
+            Scenario::Closed => None,
+        };
+        let run = replica_run(env, params, servers, planned, rate)?;
+        let stats = Stats::of(&[&run.run]);
+        let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
+        eprintln!(
+            "[{:>2}/{}] {:<6} R={} round {} {:<36} p50 {:>5} ms  ttft p99 {:>5} ms  {:>6.1}/instance/min  waited {:>5}  envoy cpu {:.2}  polls/s {}  errors {}",
+            i + 1,
+            plan.len(),
+            planned.scenario.id(),
+            planned.replicas,
+            planned.round,
+            planned.policy.name(),
+            ms(stats.p50_ms),
+            ms(stats.ttft_p99_ms),
+            stats.throughput_per_instance_per_min,
+            run.waits
+                .share_pct()
+                .map_or("-".into(), |v| format!("{v:.1} %")),
+            run.cpu.envoy_busiest.average,
+            run.polls_per_s_per_replica
+                .map_or("-".into(), |v| format!("{v:.0}")),
+            stats.errors
+        );
+        runs.push(run);
+    }
+    drop(fleet);
+    let report = ReplicasReport {
+        params: params.clone(),
+        cells: replicas::cells(&runs),
+        machine: machine_at_start,
+        open_rate,
+        open_capacity,
+        mixed_rate,
+        mixed_capacity,
+        skipped,
+        validation: "Every generated configuration passed `envoy --mode validate` first.".into(),
+        elapsed_s: started.elapsed().as_secs_f64(),
+        smoke,
+    };
+    let md = replicas::markdown(&report);
+    write(out, "replicas.json", &replicas::json(&report.cells))?;
+    write(out, "replicas.md", &md)?;
+    let title = format!(
+        "Envoy replicas, {} servers x {} slots, open loop at {:.0} % of capacity ({})",
+        params.servers,
+        params.server.max_batch,
+        params.load * 100.0,
+        report.machine.date
+    );
+    write(out, "replicas.svg", &replicas::svg(&report.cells, &title))?;
+    println!("{md}");
+    eprintln!(
+        "model-bench: wrote {}/replicas.{{json,md,svg}}",
+        out.display()
+    );
+    Ok(())
+}
+
+/// What polling alone costs: over `seconds` without traffic, the server-load proxy's polls and
+/// CPU against the main proxy's CPU in the same seconds (Envoy's and the wasm VMs' own idle
+/// work), as a line for the overhead report.
+fn idle_polling(
+    polling: u32,
+    main: u32,
+    admin: &str,
+    name: &str,
+    endpoints: u32,
+    seconds: f64,
+) -> String {
+    let polls = || {
+        http_get(admin, &format!("/stats?filter={name}"))
+            .and_then(|(_, body)| polls_from_stats(&body, name))
+    };
+    let cpu = || Some((process_cpu_s(polling)?, process_cpu_s(main)?));
+    let (p0, c0, t0) = (polls(), cpu(), Instant::now());
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    let (p1, c1, t1) = (polls(), cpu(), Instant::now());
+    let span = t1.duration_since(t0).as_secs_f64();
+    match (p0, p1, c0, c1) {
+        (Some(p0), Some(p1), Some(c0), Some(c1)) if p1 > p0 => {
+            let rate = (p1 - p0) as f64 / span;
+            let cores = (c1.0 - c0.0) / span;
+            let idle = (c1.1 - c0.1) / span;
+            format!(
+                "{endpoints} endpoints, {name} without traffic for {seconds:.0} s: {rate:.0} polls/s (each endpoint every {:.0} ms) and {cores:.3} cores, against {idle:.3} cores for the main proxy in the same seconds: about {:.0} µs of Envoy CPU per poll (CPU time has a 10 ms resolution).",
+                f64::from(endpoints) * 1000.0 / rate,
+                ((cores - idle).max(0.0)) * 1e6 / rate
+            )
+        }
+        _ => format!(
+            "{endpoints} endpoints, {name} without traffic: no polls seen in {seconds:.0} s (Envoy's cluster stats)."
+        ),
+    }
+}
+
 struct OverheadParams {
     rounds: u32,
     seconds: u32,
@@ -615,7 +1116,10 @@ fn overhead(env: &Env, params: &OverheadParams, smoke: bool, out: &Path) -> Resu
         ));
     }
     let variants = overhead_variants(&env.noop_wasm.to_string_lossy());
-    let names: Vec<String> = variants.iter().map(|v| v.name.clone()).collect();
+    let server_load = overhead_server_load_variant();
+    let mut names: Vec<String> = variants.iter().map(|v| v.name.clone()).collect();
+    let mut server_load_runs = true;
+    let mut notes = Vec::new();
     let mut measurements = Vec::new();
     for &endpoints in &params.endpoints {
         let backend_config = fast_backend_config(endpoints);
@@ -634,33 +1138,85 @@ fn overhead(env: &Env, params: &OverheadParams, smoke: bool, out: &Path) -> Resu
         let proxy_config = proxy_config(&env.wasm(), &ports, &variants);
         env.validate("proxy", &proxy_config)?;
         let (proxy, listeners) = env.envoy("proxy", &proxy_config, 1)?;
+        // (variant, URL, the proxy Envoy that serves it).
+        let mut targets: Vec<(String, String, u32)> = Vec::new();
+        for v in &variants {
+            let url = format!("http://{}/", address_of(&listeners, &v.name)?);
+            targets.push((v.name.clone(), url, proxy.pid()));
+        }
+        // LOR with server load polls every endpoint all the time: in an Envoy of its own, so
+        // that its polls cost only its own measurement.
+        let mut server_load_proxy = None;
+        if server_load_runs {
+            let config = proxy_config_with_admin(
+                &env.wasm(),
+                &ports,
+                std::slice::from_ref(&server_load),
+                None,
+            );
+            env.validate("proxy-server-load", &config)?;
+            let mut starting = env.spawn_envoy("proxy-server-load", &config, 1)?;
+            match env.await_envoy(&mut starting) {
+                Ok((admin, listeners)) => {
+                    let url = format!("http://{}/", address_of(&listeners, &server_load.name)?);
+                    targets.push((server_load.name.clone(), url, starting.proc.pid()));
+                    if !names.contains(&server_load.name) {
+                        names.push(server_load.name.clone());
+                    }
+                    notes.push(idle_polling(
+                        starting.proc.pid(),
+                        proxy.pid(),
+                        &admin,
+                        &server_load.name,
+                        endpoints,
+                        if smoke { 1.0 } else { 5.0 },
+                    ));
+                    server_load_proxy = Some(starting.proc);
+                }
+                Err(e) if e.contains("rejecting plugin configuration") => {
+                    let line = e
+                        .lines()
+                        .find(|l| l.contains("rejecting plugin configuration"))
+                        .unwrap_or("rejecting plugin configuration")
+                        .to_owned();
+                    eprintln!("model-bench: skipping {}: {line}", server_load.name);
+                    notes.push(format!(
+                        "**Not run:** {}: the filter does not accept `server_load` yet ({}).",
+                        server_load.name,
+                        line.split_once("model-lb: ")
+                            .map_or(line.as_str(), |(_, l)| l)
+                    ));
+                    server_load_runs = false;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         // Round 0 warms connections, caches and the wasm JIT up and is not counted.
         for round in 0..=params.rounds {
-            let mut order: Vec<usize> = (0..variants.len()).collect();
+            let mut order: Vec<usize> = (0..targets.len()).collect();
             // Alternate the direction so no variant always runs right after another.
             if round % 2 == 1 {
                 order.reverse();
             }
             for i in order {
-                let name = &variants[i].name;
-                let url = format!("http://{}/", address_of(&listeners, name)?);
+                let (name, url, proxy_pid) = &targets[i];
                 let seconds = if round == 0 { 1 } else { params.seconds };
-                let before = process_cpu_s(proxy.pid()).unwrap_or(0.0);
+                let before = process_cpu_s(*proxy_pid).unwrap_or(0.0);
                 let wrk = Command::new("wrk")
                     .args(["-t1", "-c16", "--latency", "-d"])
                     .arg(format!("{seconds}s"))
-                    .arg(&url)
+                    .arg(url)
                     .stdout(Stdio::piped())
                     .spawn()
                     .map_err(|e| format!("wrk: {e} (make bench-overhead installs it)"))?;
                 let mut wrk = Proc::new(wrk, "wrk");
                 let mut watch = CpuWatch::new(vec![
-                    ("proxy", vec![proxy.pid()]),
+                    ("proxy", vec![*proxy_pid]),
                     ("backend", vec![backend.pid()]),
                     ("wrk", vec![wrk.pid()]),
                 ]);
                 watch.wait(&mut wrk.child)?;
-                let proxy_cpu_s = process_cpu_s(proxy.pid()).unwrap_or(0.0) - before;
+                let proxy_cpu_s = process_cpu_s(*proxy_pid).unwrap_or(0.0) - before;
                 let mut text = String::new();
                 if let Some(mut stdout) = wrk.child.stdout.take() {
                     let _ = stdout.read_to_string(&mut text);
@@ -691,6 +1247,7 @@ fn overhead(env: &Env, params: &OverheadParams, smoke: bool, out: &Path) -> Resu
                 measurements.push(m);
             }
         }
+        drop(server_load_proxy);
         drop(proxy);
         drop(backend);
     }
@@ -699,7 +1256,7 @@ fn overhead(env: &Env, params: &OverheadParams, smoke: bool, out: &Path) -> Resu
         measurements,
         machine_line: machine().line(),
         method: format!(
-            "Method: one Envoy with `--concurrency 1` (the proxy) holds one listener and cluster per variant over the same endpoints: {} listeners of a second Envoy that answers 200 at once (`direct_response`). `wrk -t1 -c16 --latency` runs {} s per variant; {} rounds after an uncounted warm-up round, variants in alternating order. CPU per request is the proxy's user + system time over the run (`/proc/<pid>/stat`) divided by the requests wrk completed; the ratio to LEAST_REQUEST is taken per round, then the median. wasm_noop is LEAST_REQUEST behind a proxy-wasm filter that does nothing (`bench/noop-filter`): the floor for any wasm filter. mlb_lor_no_passive is LOR with `\"passive_health\": false`.",
+            "Method: one Envoy with `--concurrency 1` (the proxy) holds one listener and cluster per variant over the same endpoints: {} listeners of a second Envoy that answers 200 at once (`direct_response`). `wrk -t1 -c16 --latency` runs {} s per variant; {} rounds after an uncounted warm-up round, variants in alternating order. CPU per request is the proxy's user + system time over the run (`/proc/<pid>/stat`) divided by the requests wrk completed; the ratio to LEAST_REQUEST is taken per round, then the median. wasm_noop is LEAST_REQUEST behind a proxy-wasm filter that does nothing (`bench/noop-filter`): the floor for any wasm filter. mlb_lor_no_passive is LOR with `\"passive_health\": false`. mlb_lor_server_load is LOR with `server_load` as in production (`/metrics` of every endpoint every 100 ms through the pool's cluster, at most 200 polls/s: 256 endpoints are each polled every 1.28 s; the backend answers `/metrics` with vLLM's two gauges), in a proxy Envoy of its own, so its CPU per request includes its polls and the other variants' does not.",
             params
                 .endpoints
                 .iter()
@@ -709,6 +1266,7 @@ fn overhead(env: &Env, params: &OverheadParams, smoke: bool, out: &Path) -> Resu
             params.seconds,
             params.rounds
         ),
+        notes,
         elapsed_s: started.elapsed().as_secs_f64(),
         smoke,
     };
@@ -828,6 +1386,67 @@ fn overhead_params(args: &Args) -> Result<OverheadParams, String> {
     Ok(p)
 }
 
+/// The replicas benchmark's parameters, and whether a `--*policies` flag named a policy with
+/// server load (then a filter that rejects it is an error, not a skip).
+fn replicas_params(args: &Args) -> Result<(ReplicasParams, bool), String> {
+    let mut p = if args.smoke {
+        ReplicasParams::smoke()
+    } else {
+        ReplicasParams::full()
+    };
+    let mut explicit = false;
+    let fraction = |flag: &str, v: &str| -> Result<f64, String> {
+        v.parse::<f64>()
+            .ok()
+            .filter(|x| *x > 0.0 && *x <= 1.0)
+            .ok_or_else(|| format!("{flag} needs a number in (0, 1], not {v:?}"))
+    };
+    for (flag, value) in &args.options {
+        let policies = || parse_policies(value).map_err(|e| format!("{flag}: {e}"));
+        match flag.as_str() {
+            "--replicas" => {
+                p.replicas = value
+                    .split(',')
+                    .map(|n| positive(flag, n.trim()))
+                    .collect::<Result<_, _>>()?;
+            }
+            "--rounds" => p.rounds = positive(flag, value)?,
+            "--duration" => p.duration_s = positive(flag, value)?,
+            "--warmup" => {
+                p.warmup_s = value
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|w| *w >= 0.0)
+                    .ok_or_else(|| format!("{flag} needs a number >= 0, not {value:?}"))?;
+            }
+            "--time-scale" => p.server.time_scale = fraction(flag, value)?,
+            "--load" => p.load = fraction(flag, value)?,
+            "--servers" => p.servers = positive(flag, value)?,
+            "--scenarios" => {
+                p.scenarios = value
+                    .split(',')
+                    .map(|id| {
+                        Scenario::from_id(id.trim()).ok_or_else(|| {
+                            format!("{flag}: unknown {id:?}; known: open, mixed, closed")
+                        })
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            "--policies" => p.policies = policies()?,
+            "--mixed-policies" => p.mixed_policies = policies()?,
+            "--closed-policies" => p.closed_policies = policies()?,
+            _ => return Err(format!("replicas does not take {flag}\n\n{USAGE}")),
+        }
+        if flag.ends_with("policies") {
+            explicit |= policies()?.iter().any(|p| p.needs_server_load());
+        }
+    }
+    if p.closed_shares.len() > p.servers as usize {
+        return Err("--servers: fewer servers than closed-loop replicas".into());
+    }
+    Ok((p, explicit))
+}
+
 fn run(args: &Args) -> Result<(), String> {
     match args.command.as_str() {
         "matrix" => {
@@ -841,6 +1460,13 @@ fn run(args: &Args) -> Result<(), String> {
             let params = overhead_params(args)?;
             let env = Env::new()?;
             let result = overhead(&env, &params, args.smoke, &args.out);
+            let _ = std::fs::remove_dir_all(&env.work);
+            result
+        }
+        "replicas" => {
+            let (params, explicit) = replicas_params(args)?;
+            let env = Env::new()?;
+            let result = replicas(&env, &params, explicit, args.smoke, &args.out);
             let _ = std::fs::remove_dir_all(&env.work);
             result
         }
