@@ -250,6 +250,9 @@ pub fn parse_response_report(value: &str) -> Option<u32> {
 #[derive(Debug, Clone, Copy, Default)]
 struct PollState {
     next_due_ms: u64,
+    /// When the poll in flight was due: the next one is due an interval after that, not after
+    /// it actually started, or polls that can only start on ticks would drift late.
+    scheduled_ms: u64,
     in_flight: bool,
     failures: u32,
 }
@@ -309,6 +312,14 @@ impl Poller {
                 continue;
             }
             state.in_flight = true;
+            // A first poll, or one far behind (a backoff, a stall): on a fresh grid from now.
+            state.scheduled_ms = if state.next_due_ms == 0
+                || now_ms >= state.next_due_ms.saturating_add(config.interval_ms)
+            {
+                now_ms
+            } else {
+                state.next_due_ms
+            };
             self.allowance -= 1.0;
             picked.push(address.clone());
             self.cursor = (index + 1) % count;
@@ -358,8 +369,11 @@ impl Poller {
         state.in_flight = false;
         if ok {
             state.failures = 0;
-            // Keep a steady period measured from the start of each poll.
-            state.next_due_ms = started_ms.saturating_add(config.interval_ms);
+            // A steady period on the grid the polls were due on (see `scheduled_ms`).
+            state.next_due_ms = state
+                .scheduled_ms
+                .max(started_ms.saturating_sub(config.interval_ms))
+                .saturating_add(config.interval_ms);
         } else {
             state.failures = state.failures.saturating_add(1);
             let backoff = config

@@ -172,6 +172,28 @@ fn each_endpoint_is_polled_once_per_interval_and_never_twice_at_once() {
 }
 
 #[test]
+fn polls_that_start_on_ticks_keep_the_configured_period() {
+    // 100 ms interval, 27 ms ticks: measured from each poll's start, every period would round
+    // up to the next tick (108 ms).
+    let config = config();
+    let endpoints = addresses(1);
+    let mut poller = Poller::default();
+    let mut polls = 0;
+    let mut token = 0;
+    for tick in 0..400u64 {
+        let now = 1_000 + tick * 27;
+        for address in poller.due(&config, &endpoints, all, now) {
+            poller.started(token, &address, now);
+            poller.finished(&config, token, now + 1, true);
+            token += 1;
+            polls += 1;
+        }
+    }
+    // 10.8 s at one poll per 100 ms.
+    assert!((106..=109).contains(&polls), "{polls} polls");
+}
+
+#[test]
 fn a_large_pool_stays_within_the_poll_budget_and_is_covered_evenly() {
     let config = config(); // 200 polls per second
     let endpoints = addresses(1_000);
