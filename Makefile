@@ -69,8 +69,15 @@ wrk-tool:
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
 
 ## test: lint, native unit tests, end-to-end tests against a real Envoy, a short fuzz run
+# The end-to-end tests mostly wait on Envoy and sockets, so they run four at a time: with
+# cargo-nextest (one process per test) when it is installed, else with cargo's own runner.
+TEST_THREADS ?= 4
 test: lint build crash-wasm noop-filter sim envoy compose-check-tool wrk-tool k8s-schema-tool dist
-	cargo test --workspace --all-targets
+	@if command -v cargo-nextest >/dev/null; then \
+	  cargo nextest run --workspace --all-targets --test-threads $(TEST_THREADS) --no-fail-fast; \
+	else \
+	  cargo test --workspace --all-targets -- --test-threads $(TEST_THREADS); \
+	fi
 	@$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=20
 
 unit:
