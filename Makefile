@@ -13,9 +13,9 @@ export ENVOY_BIN := $(abspath $(ENVOY))
 
 .PHONY: build sim envoy demo bench bench-overhead test unit e2e lint fmt fuzz clean wasm-target python-venv compose-check-tool compose-check wrk-tool noop-filter crash-wasm
 
-## build: the filter, target/wasm32-wasip1/release/model_lb.wasm
+## build: the filter, target/wasm32-wasip1/release/model_lb.wasm, with its version built in
 build: wasm-target
-	cargo build --release --target wasm32-wasip1 -p model-lb
+	MODEL_LB_VERSION='$(MODEL_LB_VERSION)' cargo build --release --target wasm32-wasip1 -p model-lb
 
 wasm-target:
 	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
@@ -58,8 +58,10 @@ bench-replicas: build sim envoy
 	target/sim/model-bench replicas
 
 # The filter with the test-only crash switch, in its own target dir so it never replaces the real one.
+# Test-only, so built without LTO: a full second release build would cost minutes cold.
 crash-wasm: wasm-target
-	cargo build --release --target wasm32-wasip1 --features test-vm-crash --target-dir target/test-vm-crash
+	CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+	  cargo build --release --target wasm32-wasip1 --features test-vm-crash --target-dir target/test-vm-crash
 
 # A proxy-wasm filter that does nothing: the overhead benchmark's floor for any wasm filter.
 noop-filter: wasm-target
@@ -78,7 +80,7 @@ test: lint build crash-wasm noop-filter sim envoy compose-check-tool wrk-tool k8
 	else \
 	  cargo test --workspace --all-targets -- --test-threads $(TEST_THREADS); \
 	fi
-	@$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=20
+	@$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=20 FUZZ_CODEGEN_UNITS=16
 
 unit:
 	cargo test --workspace --lib --bins
@@ -114,7 +116,7 @@ lint: wasm-target
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy -p model-lb -p noop-filter --target wasm32-wasip1 -- -D warnings
-	cargo clippy -p model-lb --target wasm32-wasip1 --features test-vm-crash --target-dir target/test-vm-crash -- -D warnings
+	cargo clippy -p model-lb --target wasm32-wasip1 --features test-vm-crash -- -D warnings
 
 fmt:
 	cargo fmt --all
@@ -139,11 +141,10 @@ DIST := dist
 .PHONY: dist k8s-schema-tool k8s-schema-check
 
 ## dist: the release filter with its version built in: dist/model_lb.wasm, dist/model_lb.wasm.sha256, dist/VERSION
-# Its own target dir, so the version baked in never forces a rebuild of target/wasm32-wasip1/.
-dist: wasm-target
-	MODEL_LB_VERSION='$(MODEL_LB_VERSION)' cargo build --release --target wasm32-wasip1 -p model-lb --target-dir target/dist
+# `make build` already builds the version in, so the module tested is the module shipped.
+dist: build
 	@mkdir -p $(DIST)
-	cp target/dist/wasm32-wasip1/release/model_lb.wasm $(DIST)/model_lb.wasm
+	cp target/wasm32-wasip1/release/model_lb.wasm $(DIST)/model_lb.wasm
 	cd $(DIST) && sha256sum model_lb.wasm > model_lb.wasm.sha256 && sha256sum --quiet -c model_lb.wasm.sha256
 	echo '$(MODEL_LB_VERSION)' > $(DIST)/VERSION
 	@echo "dist: $(DIST)/model_lb.wasm $$(cut -c1-64 $(DIST)/model_lb.wasm.sha256), version $$(cat $(DIST)/VERSION)"
