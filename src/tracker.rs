@@ -189,6 +189,8 @@ pub struct EndpointEstimate {
     pub estimate: u32,
     pub full: bool,
     pub weight: u32,
+    /// The batch size learned from the server's reports; 0 = not known yet.
+    pub batch_size: u32,
 }
 
 /// What applying Envoy's view of the cluster changed.
@@ -362,6 +364,7 @@ impl PoolTracker {
                 estimate: estimates.estimate(e),
                 full: estimates.full(e),
                 weight: self.view.entries().get(e).map_or(1, |l| l.weight),
+                batch_size: self.view.entries().get(e).map_or(0, |l| l.capacity),
             })
             .collect()
     }

@@ -255,3 +255,29 @@ fn envoy_endpoint_weights_scale_how_much_an_endpoint_takes() {
     assert_eq!(active(&backends), vec![1, 1, 4]);
     release(&backends, held);
 }
+
+#[test]
+fn a_server_with_a_full_batch_is_avoided_even_with_fewer_requests() {
+    // A mixed fleet: the first server has 1 batch slot, the others 4.
+    let backends: Vec<Backend> = (0..3).map(|_| Backend::start()).collect();
+    let ports = [backends[0].port(), backends[1].port(), backends[2].port()];
+    backends[0].set_batch_slots(1);
+    backends[1].set_batch_slots(4);
+    backends[2].set_batch_slots(4);
+    let envoy = replica(ports);
+    // Two requests each: the small server now queues one, and its report says so.
+    let mut held: Vec<_> = (0..6).map(|_| hold_through(envoy.listener)).collect();
+    wait_for_active(&backends, 6);
+    assert_eq!(active(&backends), vec![2, 2, 2]);
+    let small = format!("endpoint.{}.batch_size", backends[0].id());
+    wait_until(
+        Duration::from_secs(5),
+        "the small server's batch size",
+        || stat(&envoy, &small) == 1,
+    );
+    // Equal counts, unequal servers: the next four go where batch slots are free.
+    held.extend((0..4).map(|_| hold_through(envoy.listener)));
+    wait_for_active(&backends, 10);
+    assert_eq!(active(&backends)[0], 2, "{:?}", active(&backends));
+    release(&backends, held);
+}

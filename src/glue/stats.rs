@@ -98,6 +98,8 @@ struct EndpointMetrics {
     estimated: Metric,
     /// With `admin_cluster`: the Envoy endpoint weight the filter applies.
     weight: Metric,
+    /// With server load: the batch size learned from the server's reports.
+    batch_size: Metric,
     load_reports: Metric,
     load_report_errors: Metric,
     load_stale: Metric,
@@ -114,6 +116,7 @@ impl EndpointMetrics {
         eligible: None,
         estimated: None,
         weight: None,
+        batch_size: None,
         load_reports: None,
         load_report_errors: None,
         load_stale: None,
@@ -337,6 +340,7 @@ impl Stats {
             eligible: gauge(&format!("{prefix}endpoint.{address}.eligible")),
             estimated: optional(with_load, "estimated_in_flight", gauge),
             weight: optional(self.weights, "weight", gauge),
+            batch_size: optional(with_load, "batch_size", gauge),
             load_reports: optional(with_load, "load_reports", counter),
             load_report_errors: optional(with_load, "load_report_errors", counter),
             load_stale: optional(with_load, "load_stale", gauge),
@@ -392,6 +396,10 @@ impl Stats {
                 estimate.map_or(0, |x| u64::from(x.estimate)),
             );
             set(metrics.weight, estimate.map_or(1, |x| u64::from(x.weight)));
+            set(
+                metrics.batch_size,
+                estimate.map_or(0, |x| u64::from(x.batch_size)),
+            );
         }
         set(self.in_flight, loads.iter().map(|&l| u64::from(l)).sum());
         set(

@@ -566,6 +566,8 @@ struct BackendState {
     /// How `/metrics` answers (see [`MetricsMode`]).
     metrics_mode: AtomicUsize,
     metrics_polls: AtomicUsize,
+    /// Batch slots `/metrics` reports (0: unlimited): requests beyond it show as waiting.
+    batch_slots: AtomicUsize,
 }
 
 /// How a backend answers `GET /metrics`, vLLM-style, for the server-load poller.
@@ -616,6 +618,12 @@ impl Backend {
         self.state
             .metrics_mode
             .store(mode as usize, Ordering::SeqCst);
+    }
+
+    /// Makes `/metrics` report a server with `slots` batch slots: the requests beyond them as
+    /// waiting, as vLLM does when its batch is full.
+    pub fn set_batch_slots(&self, slots: usize) {
+        self.state.batch_slots.store(slots, Ordering::SeqCst);
     }
 
     /// `/metrics` requests received so far.
@@ -823,10 +831,18 @@ fn metrics_answer(out: &mut TcpStream, state: &BackendState) -> std::io::Result<
             }
             return out.flush();
         }
-        _ => format!(
-            "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{model_name=\"m\"}} {}\nvllm:num_requests_waiting{{model_name=\"m\"}} 0\n",
-            state.active.load(Ordering::SeqCst)
-        ),
+        _ => {
+            let active = state.active.load(Ordering::SeqCst);
+            let slots = match state.batch_slots.load(Ordering::SeqCst) {
+                0 => usize::MAX,
+                n => n,
+            };
+            format!(
+                "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{model_name=\"m\"}} {}\nvllm:num_requests_waiting{{model_name=\"m\"}} {}\n",
+                active.min(slots),
+                active.saturating_sub(slots)
+            )
+        }
     };
     write!(
         out,
