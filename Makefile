@@ -48,9 +48,14 @@ demo: build sim envoy
 bench: build sim envoy
 	target/sim/model-bench matrix
 
-## bench-overhead: proxy CPU per request, model-lb vs Envoy's balancers (~6 min) -> bench/results/overhead.*
+## bench-overhead: proxy CPU per request, model-lb vs Envoy's balancers, 1-16 workers x 4-1,024 endpoints, PREFIX_AWARE by body size (~18 min) -> bench/results/overhead.*
 bench-overhead: build noop-filter sim envoy wrk-tool
 	target/sim/model-bench overhead
+
+## bench-prefix: PREFIX_AWARE vs LOR, RANDOM, LEAST_REQUEST, RING_HASH, MAGLEV on 16 servers with a prefix cache (~15 min) -> bench/results/prefix.*
+.PHONY: bench-prefix
+bench-prefix: build sim envoy
+	target/sim/model-bench prefix
 
 ## bench-replicas: 1-8 Envoy replicas in front of 20 simulated servers, open loop split at random (~25 min) -> bench/results/replicas.*
 .PHONY: bench-replicas

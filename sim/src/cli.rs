@@ -296,6 +296,8 @@ Load:
   --rate R                Open loop: Poisson arrivals, requests/s (excludes --users) [default: off]
   --max-inflight N        Open loop: arrivals beyond N outstanding are dropped [default: {mif}]
   --think-ms F            Closed loop: pause between a user's requests, ms [default: 0]
+  --think-exponential     Closed loop: think times exponential with mean --think-ms (and a first
+                          think before each user's first request) [default: off, fixed]
   --duration SECS         Measured run time after the warm-up [default: {dur} unless --requests is given]
   --requests N            Stop after N measured requests [default: unlimited]
   --warmup SECS           Leading period whose requests are excluded from statistics [default: 0]
@@ -313,6 +315,10 @@ Workload (reproducible: each user draws from its own stream of --seed):
                           shared-prefix: tokens of each system prompt [default: {spt}]
   --turns N               shared-prefix: turns per conversation [default: {turns}]
   --conversations M       shared-prefix, open loop: conversations kept open [default: {convs}]
+  --hot-group-share F     shared-prefix: share of conversations in group 0, the rest uniform
+                          over the others (0.5: one group carries half) [default: 0, uniform]
+  --prefix-key-header NAME
+                          shared-prefix: send the group as header NAME: g<N> [default: none]
 
   unique: each request is one user message of text unique to it (and to the run),
   so no two prompts share a prefix beyond the chat template. shared-prefix: chat
@@ -430,6 +436,7 @@ where
             }
             Long("rate") => c.rate = Some(float(&mut p, "rate", 0.0, false)?),
             Long("max-inflight") => c.max_inflight = int_min(&mut p, "max-inflight", 1usize)?,
+            Long("think-exponential") => c.think_exponential = true,
             Long("think-ms") => {
                 let ms = float(&mut p, "think-ms", 0.0, true)?;
                 c.think = Duration::try_from_secs_f64(ms / 1000.0)
@@ -470,6 +477,26 @@ where
                 c.conversations = int_min(&mut p, "conversations", 1usize)?;
                 prefix_flags.push("--conversations");
             }
+            Long("hot-group-share") => {
+                let v = float(&mut p, "hot-group-share", 0.0, true)?;
+                if v > 1.0 {
+                    return Err(CliError(format!(
+                        "--hot-group-share: {v} is out of range (must be in 0..1)"
+                    )));
+                }
+                c.hot_group_share = v;
+                prefix_flags.push("--hot-group-share");
+            }
+            Long("prefix-key-header") => {
+                let h = raw(&mut p, "prefix-key-header")?;
+                if hyper::header::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                    return Err(CliError(format!(
+                        "--prefix-key-header: invalid header name '{h}'"
+                    )));
+                }
+                c.prefix_key_header = Some(h);
+                prefix_flags.push("--prefix-key-header");
+            }
             Long("instances") => c.instances = Some(int_min(&mut p, "instances", 1usize)?),
             Long("label") => c.label = raw(&mut p, "label")?,
             Long("json") => c.json = Some(raw(&mut p, "json")?.into()),
@@ -491,6 +518,11 @@ where
                 "{flag}: only with --workload shared-prefix"
             )));
         }
+    }
+    if c.think_exponential && c.rate.is_some() {
+        return Err(CliError(
+            "--think-exponential: only in closed loop (--users), not with --rate".into(),
+        ));
     }
     if prefix_flags.contains(&"--conversations") && c.rate.is_none() {
         return Err(CliError(
@@ -677,6 +709,9 @@ mod tests {
             "--system-prompt-tokens",
             "--turns",
             "--conversations",
+            "--hot-group-share",
+            "--think-exponential",
+            "--prefix-key-header",
         ] {
             let line = h
                 .lines()
@@ -816,6 +851,22 @@ mod tests {
             ),
             (3, 500, 2, 10)
         );
+        let c = load(&[
+            "--workload",
+            "shared-prefix",
+            "--hot-group-share",
+            "0.5",
+            "--prefix-key-header",
+            "x-prefix-key",
+            "--think-ms",
+            "250",
+            "--think-exponential",
+        ])
+        .unwrap();
+        assert_eq!(c.hot_group_share, 0.5);
+        assert_eq!(c.prefix_key_header.as_deref(), Some("x-prefix-key"));
+        assert!(c.think_exponential);
+        assert_eq!(c.think, Duration::from_millis(250));
         for (args, flag) in [
             (&["--workload", "shared"][..], "--workload"),
             (&["--turns", "3"][..], "--turns"),
@@ -834,6 +885,19 @@ mod tests {
             (
                 &["--workload", "shared-prefix", "--conversations", "4"][..],
                 "--conversations",
+            ),
+            (&["--hot-group-share", "0.5"][..], "--hot-group-share"),
+            (
+                &["--workload", "shared-prefix", "--hot-group-share", "1.5"][..],
+                "--hot-group-share",
+            ),
+            (
+                &["--workload", "shared-prefix", "--prefix-key-header", "a b"][..],
+                "--prefix-key-header",
+            ),
+            (
+                &["--rate", "2", "--think-exponential", "--think-ms", "5"][..],
+                "--think-exponential",
             ),
         ] {
             let e = load(args).unwrap_err();

@@ -129,6 +129,9 @@ pub struct LoadConfig {
     /// Open loop: arrivals beyond this many outstanding requests are dropped.
     pub max_inflight: usize,
     pub think: Duration,
+    /// Closed loop: think times are exponential with mean `think` (drawn from a stream of their
+    /// own, so the requests do not change), and each user also thinks before its first request.
+    pub think_exponential: bool,
     pub duration: Option<Duration>,
     pub requests: Option<u64>,
     pub warmup: Duration,
@@ -146,6 +149,11 @@ pub struct LoadConfig {
     pub turns: u32,
     /// Shared-prefix workload, open loop: conversations kept open.
     pub conversations: usize,
+    /// Shared-prefix workload: share of new conversations in group 0 (0: uniform groups).
+    pub hot_group_share: f64,
+    /// Shared-prefix workload: a request header carrying the conversation's group (`g<N>`), the
+    /// key a hashing balancer (Envoy's RING_HASH, MAGLEV) can route on.
+    pub prefix_key_header: Option<String>,
     pub instances: Option<usize>,
     pub label: String,
     pub json: Option<PathBuf>,
@@ -172,6 +180,7 @@ impl Default for LoadConfig {
             rate: None,
             max_inflight: 1024,
             think: Duration::ZERO,
+            think_exponential: false,
             duration: Some(Duration::from_secs(10)),
             requests: None,
             warmup: Duration::ZERO,
@@ -184,6 +193,8 @@ impl Default for LoadConfig {
             system_prompt_tokens: 2000,
             turns: 4,
             conversations: 32,
+            hot_group_share: 0.0,
+            prefix_key_header: None,
             instances: None,
             label: "run".into(),
             json: None,
@@ -262,6 +273,8 @@ pub struct Record {
     /// What was asked: prompt length in tokens and `max_tokens` (None: server decides).
     pub prompt_tokens: u64,
     pub max_tokens: Option<u64>,
+    /// Shared-prefix workload: the conversation's group.
+    pub group: Option<u64>,
 }
 
 /// Incremental parser for an OpenAI SSE stream.
@@ -390,6 +403,8 @@ pub struct Planned {
     pub prompt: Prompt,
     pub max_tokens: Option<u64>,
     pub conversation: Option<u64>,
+    /// Shared-prefix workload: the conversation's group (its system prompt).
+    pub group: Option<u64>,
 }
 
 impl Planned {
@@ -406,12 +421,13 @@ impl Planned {
         rng: &mut Rng,
     ) -> Planned {
         let key = text_key(nonce, stream, index);
-        let (prompt, conversation) = match cfg.workload {
+        let (prompt, conversation, group) = match cfg.workload {
             WorkloadKind::Unique => (
                 Prompt::Unique {
                     key,
                     tokens: spec.prompt_tokens,
                 },
+                None,
                 None,
             ),
             WorkloadKind::SharedPrefix => {
@@ -423,13 +439,14 @@ impl Planned {
                     user_key: key,
                     user_tokens: spec.prompt_tokens,
                 };
-                (prompt, Some(picked.id))
+                (prompt, Some(picked.id), Some(picked.group))
             }
         };
         Planned {
             prompt,
             max_tokens: spec.max_tokens,
             conversation,
+            group,
         }
     }
 
@@ -524,6 +541,8 @@ struct Shared {
     /// Keys the user messages of this run (see [`crate::workload`]).
     nonce: u64,
     headers: Vec<(HeaderName, HeaderValue)>,
+    /// `--prefix-key-header`: the name of the header that carries the group.
+    key_header: Option<HeaderName>,
     t0: Instant,
     measure_start: Instant,
     deadline: Option<Instant>,
@@ -546,6 +565,7 @@ impl Shared {
         conn: &mut Option<Conn>,
         target: usize,
         body: Bytes,
+        key_header: Option<(HeaderName, HeaderValue)>,
         start: Instant,
         p: &mut Partial,
     ) -> Result<(), ErrorKind> {
@@ -579,6 +599,9 @@ impl Shared {
                 req.headers_mut().insert(k.clone(), v.clone());
                 replaced.push(k);
             }
+        }
+        if let Some((k, v)) = key_header {
+            req.headers_mut().insert(k, v);
         }
         let resp = c
             .sender
@@ -624,6 +647,12 @@ impl Shared {
     /// Sends one request and measures it. Never panics; always returns a record.
     async fn execute(&self, conn: &mut Option<Conn>, target: usize, plan: &Planned) -> Record {
         let body = request_body(&self.cfg, plan);
+        let key_header = match (&self.key_header, plan.group) {
+            (Some(name), Some(group)) => HeaderValue::from_str(&format!("g{group}"))
+                .ok()
+                .map(|v| (name.clone(), v)),
+            _ => None,
+        };
         let start = Instant::now();
         let warmup = start < self.measure_start;
         self.live.inflight.fetch_add(1, Ordering::Relaxed);
@@ -632,8 +661,11 @@ impl Shared {
             limit = limit.min(h);
         }
         let mut p = Partial::default();
-        let result =
-            tokio::time::timeout_at(limit, self.attempt(conn, target, body, start, &mut p)).await;
+        let result = tokio::time::timeout_at(
+            limit,
+            self.attempt(conn, target, body, key_header, start, &mut p),
+        )
+        .await;
         let error = match result {
             Ok(Ok(())) => None,
             Ok(Err(kind)) => Some(kind),
@@ -662,6 +694,7 @@ impl Shared {
             warmup,
             prompt_tokens: plan.prompt.tokens(),
             max_tokens: plan.max_tokens,
+            group: plan.group,
         }
     }
 
@@ -691,9 +724,24 @@ async fn user_loop(shared: Arc<Shared>, user: usize) -> Vec<Record> {
     let mut rng = Rng::stream(cfg.seed, user as u64);
     let target = user % cfg.targets.len().max(1);
     // A user holds one conversation at a time.
-    let mut convs = Conversations::new(1, cfg.turns, cfg.prefix_groups);
+    let mut convs =
+        Conversations::new(1, cfg.turns, cfg.prefix_groups).with_hot_share(cfg.hot_group_share);
     let mut conn: Option<Conn> = None;
     let mut out = Vec::new();
+    // Exponential think times come from a stream of their own: the requests stay the same.
+    let mut thinking = Rng::stream(cfg.seed ^ THINK_SALT, user as u64);
+    let think = |rng: &mut Rng| -> Duration {
+        let mean = cfg.think.as_secs_f64();
+        if cfg.think_exponential && mean > 0.0 {
+            Duration::from_secs_f64(rng.exponential(1.0 / mean).min(3600.0))
+        } else {
+            cfg.think
+        }
+    };
+    if cfg.think_exponential && !cfg.think.is_zero() {
+        // Users start spread out, as if each had just finished thinking.
+        shared.sleep_bounded(think(&mut thinking)).await;
+    }
     for index in 0.. {
         let now = Instant::now();
         if shared.past_deadline(now) || !shared.claim(now < shared.measure_start) {
@@ -718,7 +766,7 @@ async fn user_loop(shared: Arc<Shared>, user: usize) -> Vec<Record> {
             shared.sleep_bounded(Duration::from_millis(50)).await;
         }
         if !cfg.think.is_zero() {
-            shared.sleep_bounded(cfg.think).await;
+            shared.sleep_bounded(think(&mut thinking)).await;
         }
     }
     out
@@ -729,6 +777,8 @@ async fn user_loop(shared: Arc<Shared>, user: usize) -> Vec<Record> {
 const ARRIVAL_STREAM: u64 = u64::MAX;
 const OPEN_REQUEST_STREAM: u64 = u64::MAX - 1;
 const URL_STREAM: u64 = u64::MAX - 2;
+/// Mixed into the seed for the closed-loop users' exponential think times.
+const THINK_SALT: u64 = 0x7417_4b00_0000_0001;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
@@ -745,11 +795,10 @@ async fn open_loop(shared: Arc<Shared>, rate: f64) -> Vec<Record> {
     let n_targets = cfg.targets.len().max(1);
     let pools: Arc<Vec<Mutex<Vec<Conn>>>> =
         Arc::new((0..n_targets).map(|_| Mutex::new(Vec::new())).collect());
-    let convs = Arc::new(Mutex::new(Conversations::new(
-        cfg.conversations,
-        cfg.turns,
-        cfg.prefix_groups,
-    )));
+    let convs = Arc::new(Mutex::new(
+        Conversations::new(cfg.conversations, cfg.turns, cfg.prefix_groups)
+            .with_hot_share(cfg.hot_group_share),
+    ));
     let mut tasks: JoinSet<Record> = JoinSet::new();
     let mut out = Vec::new();
     let mut next = shared.t0;
@@ -801,6 +850,7 @@ async fn open_loop(shared: Arc<Shared>, rate: f64) -> Vec<Record> {
                 warmup: next < shared.measure_start,
                 prompt_tokens: plan.prompt.tokens(),
                 max_tokens: plan.max_tokens,
+                group: plan.group,
             });
             continue;
         }
@@ -887,6 +937,13 @@ pub async fn run(cfg: LoadConfig) -> Result<RunOutput, String> {
             HeaderValue::from_str(v).map_err(|_| format!("--header: invalid value for '{k}'"))?;
         headers.push((name, value));
     }
+    let key_header = match &cfg.prefix_key_header {
+        Some(k) => Some(
+            HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| format!("--prefix-key-header: invalid name '{k}'"))?,
+        ),
+        None => None,
+    };
     let t0 = Instant::now();
     let measure_start = t0 + cfg.warmup;
     let deadline = cfg.duration.map(|d| measure_start + d);
@@ -896,6 +953,7 @@ pub async fn run(cfg: LoadConfig) -> Result<RunOutput, String> {
         nonce: run_nonce(),
         cfg,
         headers,
+        key_header,
         t0,
         measure_start,
         deadline,
@@ -1147,6 +1205,7 @@ mod tests {
             warmup: false,
             prompt_tokens: 0,
             max_tokens: None,
+            group: None,
         };
         first.settle(&mut convs, &ok(4));
         let second = plan(&cfg, spec, 1, &mut convs);

@@ -36,6 +36,8 @@ pub struct ConfigJson {
     pub rate: Option<f64>,
     pub max_inflight: Option<usize>,
     pub think_ms: f64,
+    /// Closed loop: think times drawn exponential with mean `think_ms`.
+    pub think_exponential: bool,
     pub duration_s: Option<f64>,
     pub requests: Option<u64>,
     pub warmup_s: f64,
@@ -51,6 +53,10 @@ pub struct ConfigJson {
     pub turns: Option<u32>,
     /// Open loop only.
     pub conversations: Option<usize>,
+    /// Shared-prefix only: share of conversations in group 0 (0: uniform).
+    pub hot_group_share: Option<f64>,
+    /// Shared-prefix only: the header that carries the group (`--prefix-key-header`).
+    pub prefix_key_header: Option<String>,
     pub headers: Vec<String>,
     pub instances: Option<usize>,
 }
@@ -78,6 +84,7 @@ impl ConfigJson {
             rate: cfg.rate,
             max_inflight: open.then_some(cfg.max_inflight),
             think_ms: cfg.think.as_secs_f64() * 1000.0,
+            think_exponential: cfg.think_exponential,
             duration_s: cfg.duration.map(|d| d.as_secs_f64()),
             requests: cfg.requests,
             warmup_s: cfg.warmup.as_secs_f64(),
@@ -91,6 +98,8 @@ impl ConfigJson {
             system_prompt_tokens: shared.then_some(cfg.system_prompt_tokens),
             turns: shared.then_some(cfg.turns),
             conversations: (shared && open).then_some(cfg.conversations),
+            hot_group_share: shared.then_some(cfg.hot_group_share),
+            prefix_key_header: cfg.prefix_key_header.clone().filter(|_| shared),
             headers: cfg
                 .headers
                 .iter()
@@ -217,6 +226,9 @@ pub struct Sample {
     /// Started during the warm-up (not measured).
     pub warmup: bool,
     pub backend: Option<String>,
+    /// Shared-prefix workload: the conversation's group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<u64>,
 }
 
 impl Sample {
@@ -234,6 +246,7 @@ impl Sample {
             error: r.error.map(|e| e.key()),
             warmup: r.warmup,
             backend: r.backend.clone(),
+            group: r.group,
         }
     }
 }
@@ -270,7 +283,15 @@ pub fn render_table(r: &Report) -> String {
     );
     let load = match (c.mode, c.users, c.rate) {
         ("open", _, Some(rate)) => format!("open loop, {rate} req/s Poisson"),
-        (_, Some(u), _) => format!("closed loop, {u} users, think {} ms", c.think_ms),
+        (_, Some(u), _) => format!(
+            "closed loop, {u} users, think {} ms{}",
+            c.think_ms,
+            if c.think_exponential {
+                " (exponential mean)"
+            } else {
+                ""
+            }
+        ),
         _ => c.mode.to_string(),
     };
     let _ = writeln!(
@@ -378,6 +399,7 @@ mod tests {
             warmup,
             prompt_tokens: 32,
             max_tokens: Some(10),
+            group: None,
         }
     }
 

@@ -206,6 +206,8 @@ pub struct Conversations {
     target: usize,
     turns: u32,
     groups: u64,
+    /// Share of new conversations that go to group 0 (the hot group); 0: groups are uniform.
+    hot_share: f64,
     next_id: u64,
     open: BTreeMap<u64, Open>,
 }
@@ -216,8 +218,34 @@ impl Conversations {
             target: target.max(1),
             turns: turns.max(1),
             groups: groups.max(1),
+            hot_share: 0.0,
             next_id: 0,
             open: BTreeMap::new(),
+        }
+    }
+
+    /// Sends `share` (0..=1) of new conversations to group 0 and spreads the others uniformly
+    /// over the remaining groups: with equal conversation lengths, group 0 then carries that
+    /// share of all traffic. 0 (the default) draws every group uniformly. With one group, it
+    /// is group 0 whatever the share.
+    pub fn with_hot_share(mut self, share: f64) -> Conversations {
+        self.hot_share = if share.is_finite() {
+            share.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        self
+    }
+
+    /// The group of a new conversation.
+    fn draw_group(&self, rng: &mut Rng) -> u64 {
+        if self.hot_share <= 0.0 || self.groups == 1 {
+            return rng.range_inclusive(0, self.groups - 1);
+        }
+        if rng.chance(self.hot_share) {
+            0
+        } else {
+            rng.range_inclusive(1, self.groups - 1)
         }
     }
 
@@ -240,7 +268,7 @@ impl Conversations {
         let id = if idle.is_empty() {
             let id = self.next_id;
             self.next_id += 1;
-            let group = rng.range_inclusive(0, self.groups - 1);
+            let group = self.draw_group(rng);
             self.open.insert(
                 id,
                 Open {
@@ -462,5 +490,49 @@ mod tests {
             );
         }
         assert_eq!(groups.len(), 2);
+    }
+
+    #[test]
+    fn a_hot_group_carries_its_share_of_new_conversations() {
+        let mut rng = Rng::new(3);
+        let mut c = Conversations::new(1, 1, 10).with_hot_share(0.5);
+        let mut counts = [0u32; 10];
+        for _ in 0..20_000 {
+            let p = c.pick(&mut rng);
+            counts[p.group as usize] += 1;
+            c.finish(
+                p.id,
+                Some(Turn {
+                    user_key: 0,
+                    user_tokens: 1,
+                    answer_tokens: 1,
+                }),
+            );
+        }
+        let hot = f64::from(counts[0]) / 20_000.0;
+        assert!((hot - 0.5).abs() < 0.02, "{counts:?}");
+        // The others share the rest evenly: about 1/18 each.
+        for &n in &counts[1..] {
+            let share = f64::from(n) / 20_000.0;
+            assert!((share - 0.5 / 9.0).abs() < 0.015, "{counts:?}");
+        }
+        // Share 0 keeps the uniform draw (and its random sequence) unchanged.
+        let (mut a, mut b) = (Rng::new(9), Rng::new(9));
+        let mut plain = Conversations::new(1, 1, 10);
+        let mut zero = Conversations::new(1, 1, 10).with_hot_share(0.0);
+        for _ in 0..50 {
+            let (p, q) = (plain.pick(&mut a), zero.pick(&mut b));
+            assert_eq!(p.group, q.group);
+            let turn = Some(Turn {
+                user_key: 0,
+                user_tokens: 1,
+                answer_tokens: 1,
+            });
+            plain.finish(p.id, turn);
+            zero.finish(q.id, turn);
+        }
+        // One group: always group 0.
+        let mut one = Conversations::new(1, 1, 1).with_hot_share(0.3);
+        assert_eq!(one.pick(&mut rng).group, 0);
     }
 }

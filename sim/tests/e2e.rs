@@ -761,6 +761,50 @@ async fn truncated_stream_and_custom_headers() {
     );
 }
 
+/// Shared-prefix requests carry their group in `--prefix-key-header`, the records know it, and
+/// exponential think times still send every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_key_header_hot_group_and_exponential_think() {
+    let (addr, mut heads) = fake_server(concat!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-served-by: fake\r\nconnection: close\r\n\r\n",
+        "{\"usage\":{\"completion_tokens\":1}}"
+    ))
+    .await;
+    let cfg = LoadConfig {
+        users: 3,
+        duration: None,
+        requests: Some(30),
+        workload: WorkloadKind::SharedPrefix,
+        prefix_groups: 4,
+        system_prompt_tokens: 20,
+        turns: 2,
+        hot_group_share: 0.5,
+        prefix_key_header: Some("x-prefix-key".into()),
+        think: Duration::from_millis(2),
+        think_exponential: true,
+        stream: false,
+        ..load_cfg(&format!("http://{addr}"))
+    };
+    let out = run(cfg).await.unwrap();
+    assert_eq!(out.total_errors, 0, "{:?}", out.report.errors);
+    assert_eq!(out.records.len(), 30);
+    assert!(out.records.iter().all(|r| r.group.is_some_and(|g| g < 4)));
+    assert!(out.report.config.think_exponential);
+    assert_eq!(out.report.config.hot_group_share, Some(0.5));
+    let mut seen = 0;
+    while let Ok(head) = heads.try_recv() {
+        let head = head.to_ascii_lowercase();
+        let value = head
+            .lines()
+            .find_map(|l| l.strip_prefix("x-prefix-key: "))
+            .unwrap_or_else(|| panic!("no key header in {head}"));
+        let group: u64 = value.trim().trim_start_matches('g').parse().unwrap();
+        assert!(group < 4, "{head}");
+        seen += 1;
+    }
+    assert_eq!(seen, 30);
+}
+
 /// The real binaries: readiness line, SIGTERM exit, CLI errors, JSON report.
 #[test]
 fn binaries_end_to_end() {

@@ -9,6 +9,18 @@ use super::Policy;
 /// The header model-lb writes and the override_host policy reads.
 pub const ENDPOINT_HEADER: &str = "x-gateway-destination-endpoint";
 
+/// The header the load tool sends the conversation's group in (`model-load
+/// --prefix-key-header`), which Envoy's RING_HASH and MAGLEV variants hash.
+pub const PREFIX_KEY_HEADER: &str = "x-prefix-key";
+
+/// The fast backend's listeners per Envoy process: with 16 proxy workers, each process then
+/// holds at most 16 x 256 upstream connections per proxy, well under a 20,000 fd limit.
+pub const BACKEND_LISTENERS_PER_PROCESS: u32 = 256;
+
+/// The fast backend buffers request bodies up to this size before answering, so that a body
+/// is read in full and the connection stays reusable (the overhead benchmark sends up to 1 MB).
+pub const BACKEND_MAX_BODY_BYTES: u32 = 4 << 20;
+
 /// The Envoy cluster that points at Envoy's own admin listener (as in `envoy/envoy.yaml`), for
 /// plugin configurations with `admin_cluster`.
 pub const ADMIN_CLUSTER: &str = "model_lb_admin";
@@ -27,6 +39,7 @@ const HCM: &str =
 const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
 const LEAST_REQUEST: &str =
     "type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest";
+const STRING_VALUE: &str = "type.googleapis.com/google.protobuf.StringValue";
 
 /// One listener of a generated config: its name (also its cluster's and, with the filter, the
 /// plugin's `pool`), its policy, and extra fields for the plugin configuration.
@@ -40,6 +53,13 @@ pub struct Variant {
     pub noop_wasm: Option<String>,
     /// `load_balancing_weight` of each endpoint, in the order of the ports; empty: none set.
     pub weights: Vec<u32>,
+    /// The request header Envoy hashes to pick the host (the route's `hash_policy`), for
+    /// RING_HASH and MAGLEV.
+    pub hash_header: Option<String>,
+    /// Spread the listener's connections exactly evenly over Envoy's workers
+    /// (`connection_balance_config: exact_balance`, with `enable_reuse_port: false`) instead of
+    /// leaving it to the kernel's hash, so that a few client connections keep every worker busy.
+    pub exact_balance: bool,
 }
 
 impl Variant {
@@ -50,7 +70,36 @@ impl Variant {
             plugin_extra: serde_json::Map::new(),
             noop_wasm: None,
             weights: Vec::new(),
+            hash_header: policy.hashes().then(|| PREFIX_KEY_HEADER.to_owned()),
+            exact_balance: false,
         }
+    }
+
+    /// model-lb `PREFIX_AWARE` with its two parameters (the listener gets the hold filter).
+    pub fn prefix_aware(prefix_length: u32, concurrency_threshold: u32) -> Self {
+        let mut v = Self::of(Policy::ModelLbPrefixAware);
+        v.plugin_extra.insert(
+            "prefix_aware".into(),
+            json!({"prefix_length": prefix_length, "concurrency_threshold": concurrency_threshold}),
+        );
+        v
+    }
+
+    /// Sets the plugin's `release_batching_ms`.
+    pub fn with_release_batching(mut self, ms: u32) -> Self {
+        self.plugin_extra
+            .insert("release_batching_ms".into(), json!(ms));
+        self
+    }
+
+    pub fn named(mut self, name: &str) -> Self {
+        self.name = name.to_owned();
+        self
+    }
+
+    pub fn balanced(mut self) -> Self {
+        self.exact_balance = true;
+        self
     }
 
     /// Whether the plugin configuration names [`ADMIN_CLUSTER`] (the Envoy then needs it).
@@ -108,6 +157,7 @@ fn endpoint_list(ports: &[u16]) -> Vec<String> {
 pub fn plugin_config(variant: &Variant, ports: &[u16]) -> Value {
     let strategy = match variant.policy {
         Policy::ModelLbRandom => "RANDOM",
+        Policy::ModelLbPrefixAware => "PREFIX_AWARE",
         _ => "LEAST_OUTSTANDING_REQUESTS",
     };
     let mut config = serde_json::Map::new();
@@ -156,11 +206,25 @@ fn listener(variant: &Variant, wasm: &str, ports: &[u16]) -> Value {
             json!({
                 "name": format!("model_lb_{}", variant.name),
                 "root_id": "model_lb",
-                "fail_open": false,
+                "failure_policy": "FAIL_RELOAD",
                 "configuration": {
-                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "@type": STRING_VALUE,
                     "value": plugin_config(variant, ports).to_string()
                 }
+            }),
+        ));
+    }
+    if variant.policy == Policy::ModelLbPrefixAware {
+        // PREFIX_AWARE's hold filter: right after model_lb, in its VM, with its own root id.
+        filters.push(wasm_filter(
+            "model_lb_hold",
+            "model_lb",
+            wasm,
+            json!({
+                "name": format!("model_lb_hold_{}", variant.name),
+                "root_id": "model_lb_hold",
+                "failure_policy": "FAIL_RELOAD",
+                "configuration": {"@type": STRING_VALUE, "value": "{\"role\": \"hold\"}"}
             }),
         ));
     }
@@ -173,7 +237,18 @@ fn listener(variant: &Variant, wasm: &str, ports: &[u16]) -> Value {
         ));
     }
     filters.push(json!({"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}));
-    json!({
+    let mut route = json!({
+        "cluster": variant.name,
+        "timeout": "0s",
+        "retry_policy": {
+            "retry_on": "connect-failure,reset-before-request",
+            "num_retries": 2
+        }
+    });
+    if let Some(header) = &variant.hash_header {
+        route["hash_policy"] = json!([{"header": {"header_name": header}}]);
+    }
+    let mut listener = json!({
         "name": variant.name,
         "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
         "filter_chains": [{"filters": [{
@@ -185,28 +260,23 @@ fn listener(variant: &Variant, wasm: &str, ports: &[u16]) -> Value {
                 "route_config": {"virtual_hosts": [{
                     "name": "models",
                     "domains": ["*"],
-                    "routes": [{
-                        "match": {"prefix": "/"},
-                        "route": {
-                            "cluster": variant.name,
-                            "timeout": "0s",
-                            "retry_policy": {
-                                "retry_on": "connect-failure,reset-before-request",
-                                "num_retries": 2
-                            }
-                        }
-                    }]
+                    "routes": [{"match": {"prefix": "/"}, "route": route}]
                 }]},
                 "http_filters": filters
             }
         }]}]
-    })
+    });
+    if variant.exact_balance {
+        listener["enable_reuse_port"] = json!(false);
+        listener["connection_balance_config"] = json!({"exact_balance": {}});
+    }
+    listener
 }
 
 /// The cluster's `load_balancing_policy` for a policy.
 pub fn lb_policy(policy: Policy) -> Value {
     let (name, config) = match policy {
-        Policy::ModelLbLor | Policy::ModelLbRandom => (
+        Policy::ModelLbLor | Policy::ModelLbRandom | Policy::ModelLbPrefixAware => (
             "envoy.load_balancing_policies.override_host",
             json!({
                 "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost",
@@ -228,6 +298,14 @@ pub fn lb_policy(policy: Policy) -> Value {
         Policy::LeastRequestFullScan => (
             "envoy.load_balancing_policies.least_request",
             json!({"@type": LEAST_REQUEST, "selection_method": "FULL_SCAN"}),
+        ),
+        Policy::RingHash => (
+            "envoy.load_balancing_policies.ring_hash",
+            json!({"@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.ring_hash.v3.RingHash"}),
+        ),
+        Policy::Maglev => (
+            "envoy.load_balancing_policies.maglev",
+            json!({"@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.maglev.v3.Maglev"}),
         ),
     };
     json!({"policies": [{"typed_extension_config": {"name": name, "typed_config": config}}]})
@@ -307,26 +385,49 @@ pub fn matrix_config(wasm: &str, ports: &[u16], policies: &[Policy]) -> Value {
     proxy_config(wasm, ports, &variants)
 }
 
-/// The overhead benchmark's variants: Envoy alone (ROUND_ROBIN, LEAST_REQUEST), LEAST_REQUEST
-/// behind a wasm filter that does nothing (`noop_wasm`: what hosting any wasm filter costs),
-/// model-lb RANDOM and LOR with default settings, and LOR without passive health (which reads
-/// two properties per request in `on_log`): where the filter's cost goes.
-pub fn overhead_variants(noop_wasm: &str) -> Vec<Variant> {
-    let mut noop = Variant::of(Policy::LeastRequest);
-    noop.name = "wasm_noop".into();
-    noop.noop_wasm = Some(noop_wasm.to_owned());
-    let mut no_passive = Variant::of(Policy::ModelLbLor);
-    no_passive.name = "mlb_lor_no_passive".into();
-    no_passive
-        .plugin_extra
-        .insert("passive_health".into(), json!(false));
+/// The overhead benchmark's variants in a regime of `workers` Envoy workers, every listener
+/// spreading its connections exactly over the workers. Every regime: Envoy's LEAST_REQUEST
+/// (the baseline), model-lb LOR with default settings, and LOR with `release_batching_ms` 10
+/// (a finished request's decrement rides on the next routing write: two host calls fewer).
+/// With one worker also: Envoy's ROUND_ROBIN, LEAST_REQUEST behind a wasm filter that does
+/// nothing (`noop_wasm`: what hosting any wasm filter costs), model-lb RANDOM, and LOR without
+/// passive health (which reads two properties per request in `on_log`): where the cost goes.
+pub fn overhead_variants(noop_wasm: &str, workers: u32) -> Vec<Variant> {
+    let lor = Variant::of(Policy::ModelLbLor);
+    let batched = Variant::of(Policy::ModelLbLor)
+        .named("mlb_lor_batched")
+        .with_release_batching(10);
+    let core = [Variant::of(Policy::LeastRequest), lor, batched];
+    let variants: Vec<Variant> = if workers == 1 {
+        let mut noop = Variant::of(Policy::LeastRequest).named("wasm_noop");
+        noop.noop_wasm = Some(noop_wasm.to_owned());
+        let mut no_passive = Variant::of(Policy::ModelLbLor).named("mlb_lor_no_passive");
+        no_passive
+            .plugin_extra
+            .insert("passive_health".into(), json!(false));
+        let [least_request, lor, batched] = core;
+        vec![
+            Variant::of(Policy::RoundRobin),
+            least_request,
+            noop,
+            Variant::of(Policy::ModelLbRandom),
+            lor,
+            batched,
+            no_passive,
+        ]
+    } else {
+        core.to_vec()
+    };
+    variants.into_iter().map(Variant::balanced).collect()
+}
+
+/// The overhead benchmark's request-body variants: model-lb LOR (never reads the body) and
+/// PREFIX_AWARE (holds the headers and reads the body as far as the key), at the filter's
+/// default `prefix_length` and `concurrency_threshold`.
+pub fn overhead_body_variants() -> Vec<Variant> {
     vec![
-        Variant::of(Policy::RoundRobin),
-        Variant::of(Policy::LeastRequest),
-        noop,
-        Variant::of(Policy::ModelLbRandom),
-        Variant::of(Policy::ModelLbLor),
-        no_passive,
+        Variant::of(Policy::ModelLbLor).balanced(),
+        Variant::prefix_aware(4096, 8).balanced(),
     ]
 }
 
@@ -341,11 +442,22 @@ pub fn overhead_server_load_variant() -> Variant {
         PRODUCTION_POLL_INTERVAL_MS as u64,
         PRODUCTION_MAX_POLLS_PER_SECOND as u64,
     )
+    .balanced()
 }
 
-/// A backend that answers every request at once with a 2-byte 200 (`direct_response`), on
-/// `count` listeners of one process: 256 endpoints cost one process. `/metrics` answers with
-/// [`FAST_BACKEND_METRICS`], for the server-load variant's polls.
+/// How `count` fast-backend listeners are split over processes of at most
+/// [`BACKEND_LISTENERS_PER_PROCESS`] each.
+pub fn backend_split(count: u32) -> Vec<u32> {
+    let per = BACKEND_LISTENERS_PER_PROCESS;
+    (0..count.div_ceil(per))
+        .map(|i| (count - i * per).min(per))
+        .collect()
+}
+
+/// A backend that answers every request with a 2-byte 200 (`direct_response`) once it has its
+/// body (Envoy's buffer filter, up to [`BACKEND_MAX_BODY_BYTES`]), on `count` listeners of one
+/// process. `/metrics` answers with [`FAST_BACKEND_METRICS`], for the server-load variant's
+/// polls.
 pub fn fast_backend_config(count: u32) -> Value {
     let listeners: Vec<Value> = (0..count)
         .map(|i| {
@@ -371,7 +483,13 @@ pub fn fast_backend_config(count: u32) -> Value {
                                 }
                             ]
                         }]},
-                        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}]
+                        "http_filters": [
+                            {"name": "envoy.filters.http.buffer", "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                                "max_request_bytes": BACKEND_MAX_BODY_BYTES
+                            }},
+                            {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}
+                        ]
                     }
                 }]}]
             })
@@ -519,7 +637,7 @@ mod tests {
 
     #[test]
     fn overhead_variants_include_a_noop_wasm_floor_and_lor_without_passive_health() {
-        let variants = overhead_variants("/w/noop.wasm");
+        let variants = overhead_variants("/w/noop.wasm", 1);
         let names: Vec<&str> = variants.iter().map(|v| v.name.as_str()).collect();
         assert_eq!(
             names,
@@ -529,19 +647,26 @@ mod tests {
                 "wasm_noop",
                 "mlb_random",
                 "mlb_lor",
+                "mlb_lor_batched",
                 "mlb_lor_no_passive"
             ]
         );
-        let plugin = plugin_config(&variants[5], &[9]);
+        let plugin = plugin_config(&variants[6], &[9]);
         assert_eq!(plugin["passive_health"], false);
         assert_eq!(plugin["pool"], "mlb_lor_no_passive");
+        let batched = plugin_config(&variants[5], &[9]);
+        assert_eq!(batched["release_batching_ms"], 10);
+        assert_eq!(batched["routing_strategy"], "LEAST_OUTSTANDING_REQUESTS");
+        assert!(plugin_config(&variants[4], &[9])
+            .get("release_batching_ms")
+            .is_none());
         let config = proxy_config("/w/model_lb.wasm", &[9], &variants);
         assert_eq!(
             config["static_resources"]["listeners"]
                 .as_array()
                 .unwrap()
                 .len(),
-            6
+            7
         );
         // The floor: the noop module, no model-lb, Envoy's LEAST_REQUEST behind it.
         let noop = http_filters(listener_of(&config, "wasm_noop"));
@@ -553,6 +678,103 @@ mod tests {
             cluster_of(&config, "wasm_noop")["load_balancing_policy"],
             lb_policy(Policy::LeastRequest)
         );
+        // Every listener spreads its connections exactly over the workers.
+        for name in names {
+            let l = listener_of(&config, name);
+            assert_eq!(l["enable_reuse_port"], false, "{name}");
+            assert_eq!(
+                l["connection_balance_config"],
+                json!({"exact_balance": {}}),
+                "{name}"
+            );
+        }
+        // Several workers: the baseline, LOR and LOR with batched releases only.
+        let many: Vec<String> = overhead_variants("/w/noop.wasm", 16)
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        assert_eq!(many, ["least_request", "mlb_lor", "mlb_lor_batched"]);
+        // Plain configs leave the kernel's balancing alone.
+        let plain = matrix_config("/x.wasm", &[1], &[Policy::ModelLbLor]);
+        assert!(listener_of(&plain, "mlb_lor")
+            .get("connection_balance_config")
+            .is_none());
+    }
+
+    #[test]
+    fn prefix_aware_gets_the_hold_filter_in_its_vm_and_hashing_gets_a_hash_policy() {
+        let variants = [
+            Variant::prefix_aware(4096, 8),
+            Variant::of(Policy::RingHash),
+            Variant::of(Policy::Maglev),
+            Variant::of(Policy::ModelLbLor),
+        ];
+        let config = proxy_config("/x/model_lb.wasm", &[8001, 8002], &variants);
+        let pa = http_filters(listener_of(&config, "mlb_prefix"));
+        let names: Vec<&str> = pa.iter().map(|f| f["name"].as_str().unwrap()).collect();
+        assert_eq!(
+            names,
+            ["model_lb", "model_lb_hold", "envoy.filters.http.router"],
+            "the hold filter right after model_lb"
+        );
+        let (main, hold) = (
+            &pa[0]["typed_config"]["config"],
+            &pa[1]["typed_config"]["config"],
+        );
+        assert_eq!(hold["vm_config"], main["vm_config"], "same VM, same code");
+        assert_eq!(hold["vm_config"]["vm_id"], "model_lb");
+        assert_eq!(hold["root_id"], "model_lb_hold");
+        assert_ne!(hold["name"], main["name"]);
+        assert_eq!(hold["configuration"]["value"], "{\"role\": \"hold\"}");
+        let plugin: Value =
+            serde_json::from_str(main["configuration"]["value"].as_str().unwrap()).unwrap();
+        assert_eq!(plugin["routing_strategy"], "PREFIX_AWARE");
+        assert_eq!(
+            plugin["prefix_aware"],
+            json!({"prefix_length": 4096, "concurrency_threshold": 8})
+        );
+        assert_eq!(
+            cluster_of(&config, "mlb_prefix")["load_balancing_policy"]["policies"][0]
+                ["typed_extension_config"]["name"],
+            "envoy.load_balancing_policies.override_host"
+        );
+        // LOR: no hold filter, no hash policy.
+        assert_eq!(http_filters(listener_of(&config, "mlb_lor")).len(), 2);
+        let route = |name: &str| {
+            listener_of(&config, name)["filter_chains"][0]["filters"][0]["typed_config"]
+                ["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+                .clone()
+        };
+        assert!(route("mlb_lor").get("hash_policy").is_none());
+        for (name, lb) in [
+            ("ring_hash", "envoy.load_balancing_policies.ring_hash"),
+            ("maglev", "envoy.load_balancing_policies.maglev"),
+        ] {
+            assert_eq!(
+                route(name)["hash_policy"],
+                json!([{"header": {"header_name": "x-prefix-key"}}])
+            );
+            assert_eq!(http_filters(listener_of(&config, name)).len(), 1, "no wasm");
+            assert_eq!(
+                cluster_of(&config, name)["load_balancing_policy"]["policies"][0]
+                    ["typed_extension_config"]["name"],
+                lb
+            );
+        }
+        let body = overhead_body_variants();
+        assert_eq!(
+            body.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+            ["mlb_lor", "mlb_prefix"]
+        );
+    }
+
+    #[test]
+    fn large_backends_are_split_over_processes() {
+        assert_eq!(backend_split(4), vec![4]);
+        assert_eq!(backend_split(256), vec![256]);
+        assert_eq!(backend_split(1024), vec![256, 256, 256, 256]);
+        assert_eq!(backend_split(300), vec![256, 44]);
+        assert!(backend_split(0).is_empty());
     }
 
     #[test]
@@ -564,6 +786,16 @@ mod tests {
             ["route_config"]["virtual_hosts"][0]["routes"];
         assert_eq!(routes[1]["match"]["prefix"], "/");
         assert_eq!(routes[1]["direct_response"]["status"], 200);
+        // It reads a request's whole body before answering (the connection stays reusable).
+        let filters = listeners[0]["filter_chains"][0]["filters"][0]["typed_config"]
+            ["http_filters"]
+            .as_array()
+            .unwrap();
+        assert_eq!(filters[0]["name"], "envoy.filters.http.buffer");
+        assert_eq!(
+            filters[0]["typed_config"]["max_request_bytes"],
+            BACKEND_MAX_BODY_BYTES
+        );
         // The poll path answers with vLLM's two gauges, before the catch-all.
         assert_eq!(routes[0]["match"]["path"], "/metrics");
         let text = routes[0]["direct_response"]["body"]["inline_string"]

@@ -7,11 +7,15 @@
 //! * [`overhead`]: the proxy-overhead benchmark's aggregation and report.
 //! * [`replicas`]: several Envoy replicas in front of the same servers: the plan, the arrival
 //!   rate, the share of requests that waited, the targets and the reports.
+//! * [`prefix`]: PREFIX_AWARE against LOR, RANDOM and Envoy's balancers (consistent hashing
+//!   included) on shared-prefix, unique and hot-prefix workloads: the plan, the servers'
+//!   prefix-cache hit rate, the load guard's check, the targets and the reports.
 //! * [`procstat`]: CPU time from `/proc`.
 
 pub mod envoy;
 pub mod overhead;
 pub mod pool;
+pub mod prefix;
 pub mod procstat;
 pub mod render;
 pub mod replicas;
@@ -26,6 +30,11 @@ pub enum Policy {
     RoundRobin,
     LeastRequest,
     LeastRequestFullScan,
+    /// model-lb `PREFIX_AWARE` (with the hold filter); not in the matrix.
+    ModelLbPrefixAware,
+    /// Envoy's consistent hashing on a request header; not in the matrix.
+    RingHash,
+    Maglev,
 }
 
 impl Policy {
@@ -45,6 +54,9 @@ impl Policy {
             Self::RoundRobin => "Envoy ROUND_ROBIN",
             Self::LeastRequest => "Envoy LEAST_REQUEST",
             Self::LeastRequestFullScan => "Envoy LEAST_REQUEST FULL_SCAN",
+            Self::ModelLbPrefixAware => "model-lb PREFIX_AWARE",
+            Self::RingHash => "Envoy RING_HASH",
+            Self::Maglev => "Envoy MAGLEV",
         }
     }
 
@@ -56,6 +68,9 @@ impl Policy {
             Self::RoundRobin => "round_robin",
             Self::LeastRequest => "least_request",
             Self::LeastRequestFullScan => "least_request_full_scan",
+            Self::ModelLbPrefixAware => "mlb_prefix",
+            Self::RingHash => "ring_hash",
+            Self::Maglev => "maglev",
         }
     }
 
@@ -69,7 +84,15 @@ impl Policy {
 
     /// Whether the model-lb filter routes (override_host cluster) or Envoy's balancer does.
     pub fn uses_filter(self) -> bool {
-        matches!(self, Self::ModelLbLor | Self::ModelLbRandom)
+        matches!(
+            self,
+            Self::ModelLbLor | Self::ModelLbRandom | Self::ModelLbPrefixAware
+        )
+    }
+
+    /// Whether Envoy picks the host by hashing a request header (the route's `hash_policy`).
+    pub fn hashes(self) -> bool {
+        matches!(self, Self::RingHash | Self::Maglev)
     }
 
     pub fn color(self) -> &'static str {
@@ -79,6 +102,9 @@ impl Policy {
             Self::RoundRobin => "#7f7f7f",
             Self::LeastRequest => "#2ca02c",
             Self::LeastRequestFullScan => "#9467bd",
+            Self::ModelLbPrefixAware => "#ff7f0e",
+            Self::RingHash => "#8c564b",
+            Self::Maglev => "#e377c2",
         }
     }
 }

@@ -369,6 +369,7 @@ mod tests {
             error: error.map(str::to_owned),
             warmup,
             backend: Some(format!("b{}", (start as u64) % 2)),
+            group: None,
         }
     }
 

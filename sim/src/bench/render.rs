@@ -349,6 +349,9 @@ pub fn short(p: Policy) -> &'static str {
         Policy::RoundRobin => "ROUND_ROBIN",
         Policy::LeastRequest => "LEAST_REQUEST",
         Policy::LeastRequestFullScan => "FULL_SCAN",
+        Policy::ModelLbPrefixAware => "PREFIX_AWARE",
+        Policy::RingHash => "RING_HASH",
+        Policy::Maglev => "MAGLEV",
     }
 }
 
@@ -571,6 +574,7 @@ mod tests {
                     error: None,
                     warmup: false,
                     backend: Some(format!("b{}", i % instances)),
+                    group: None,
                 })
                 .collect(),
             warmup_s: 1.0,

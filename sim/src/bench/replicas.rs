@@ -1725,6 +1725,7 @@ mod tests {
             error: None,
             warmup,
             backend: Some("b".into()),
+            group: None,
         }
     }
 

@@ -1,7 +1,8 @@
-//! `model-bench matrix|overhead [options]`: the benchmarks behind `make bench` and
-//! `make bench-overhead`. Starts every process it needs on loopback (simulated servers or a fast
-//! backend, Envoy, the load tool or wrk) and stops them all, also when it fails. The arithmetic
-//! and the reports live in `model_sim::bench`; this file only runs processes and measures them.
+//! `model-bench matrix|overhead|prefix|replicas [options]`: the benchmarks behind `make bench`,
+//! `make bench-overhead`, `make bench-prefix` and `make bench-replicas`. Starts every process
+//! it needs on loopback (simulated servers or a fast backend, Envoy, the load tool or wrk) and
+//! stops them all, also when it fails. The arithmetic and the reports live in
+//! `model_sim::bench`; this file only runs processes and measures them.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -10,11 +11,21 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use model_sim::bench::envoy::{
-    fast_backend_config, listener_addresses, matrix_config, overhead_server_load_variant,
-    overhead_variants, proxy_config, proxy_config_with_admin, Variant,
+    backend_split, fast_backend_config, listener_addresses, matrix_config, overhead_body_variants,
+    overhead_server_load_variant, overhead_variants, proxy_config, proxy_config_with_admin,
+    Variant, BACKEND_LISTENERS_PER_PROCESS,
 };
-use model_sim::bench::overhead::{self, Measurement, OverheadReport};
+use model_sim::bench::overhead::{
+    self, connections_for, warmup_seconds, wrk_threads, FilterCounts, Measurement, OverheadReport,
+    Regime, BASELINE,
+};
 use model_sim::bench::pool::{cells, ideals, Run, Stats};
+use model_sim::bench::prefix::{
+    agreement, cells as prefix_cells, filter_stats, guard, json as prefix_json,
+    markdown as prefix_markdown, parse_policies as parse_prefix_policies, svg as prefix_svg,
+    Agreement, FilterStats, Planned as PrefixPlanned, PrefixParams, PrefixReport, PrefixRun,
+    ServerCounters, Workload as PrefixWorkload,
+};
 use model_sim::bench::procstat::{machine_ticks, process_ticks, Busiest, Series, Usage};
 use model_sim::bench::render::{self, Machine, MatrixReport};
 use model_sim::bench::replicas::{
@@ -29,7 +40,15 @@ const USAGE: &str = "\
 usage: model-bench matrix   [--smoke] [--out DIR] [--sizes 4x1,20x5] [--rounds N]
                             [--duration SECONDS] [--policies mlb_lor,mlb_random,...]
        model-bench overhead [--smoke] [--out DIR] [--rounds N] [--seconds N]
-                            [--endpoints 4,256]
+                            [--endpoints 4,256,1024] [--workers 1,4,16]
+                            [--bodies 1024,65536,1048576|none]
+       model-bench prefix   [--smoke] [--out DIR] [--rounds N] [--duration SECONDS]
+                            [--warmup SECONDS] [--time-scale F] [--servers N]
+                            [--users-per-server N] [--threshold K] [--cache-tokens N]
+                            [--groups G] [--workloads shared,unique,hot]
+                            [--shared-policies mlb_prefix,mlb_lor,mlb_random,least_request,
+                                               ring_hash,maglev]
+                            [--unique-policies ...] [--hot-policies ...]
        model-bench replicas [--smoke] [--out DIR] [--replicas 1,2,4,8] [--rounds N]
                             [--duration SECONDS] [--warmup SECONDS] [--time-scale F]
                             [--load F] [--servers N] [--scenarios open,mixed,closed]
@@ -38,7 +57,12 @@ usage: model-bench matrix   [--smoke] [--out DIR] [--sizes 4x1,20x5] [--rounds N
                             [--mixed-policies ...] [--closed-policies ...]
 
 matrix:   SageMaker's experiment through Envoy for every policy -> DIR/seed-matrix.{json,md,svg}
-overhead: Envoy CPU per request, model-lb against Envoy's balancers -> DIR/overhead.{json,md}
+overhead: Envoy CPU per request, model-lb against Envoy's balancers, in regimes of Envoy
+          workers x endpoints, and PREFIX_AWARE against LOR by request-body size
+          -> DIR/overhead.{json,md}
+prefix:   PREFIX_AWARE against LOR, RANDOM, LEAST_REQUEST, RING_HASH and MAGLEV on simulated
+          servers with a prefix cache: shared-prefix, unique and hot-prefix workloads, and two
+          Envoy replicas' agreement -> DIR/prefix.{json,md,svg}
 replicas: R Envoy replicas in front of the same servers, open loop split at random over them
           -> DIR/replicas.{json,md,svg}. Policies with server load are skipped (and said so)
           when the filter rejects `server_load`, unless a --*policies flag names them.
@@ -1105,6 +1129,300 @@ struct OverheadParams {
     rounds: u32,
     seconds: u32,
     endpoints: Vec<u32>,
+    workers: Vec<u32>,
+    /// Request-body sizes for PREFIX_AWARE against LOR (one worker, `body_endpoints`).
+    bodies: Vec<u32>,
+    body_endpoints: u32,
+    /// Seconds of each one-connection (unloaded) latency run in the body regimes.
+    unloaded_seconds: u32,
+    /// Longest warm-up round, seconds; 0: no warm-up round (the smoke run).
+    max_warmup_s: u32,
+}
+
+/// One listener under test: its variant, URL, the proxy Envoy serving it and that Envoy's
+/// admin address (for the filter's counters).
+struct OverheadTarget {
+    name: String,
+    url: String,
+    pid: u32,
+    admin: String,
+    filter: bool,
+}
+
+/// Raises this process's open-file limit (which its children inherit) as far as allowed: to
+/// `want` if it may raise the hard limit (root), else to the hard limit. Returns the soft limit.
+#[allow(clippy::unnecessary_cast)] // rlim_t is u64 on 64-bit Linux only
+fn raise_fd_limit(want: u64) -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur >= want as libc::rlim_t {
+            return limit.rlim_cur as u64;
+        }
+        let wanted = libc::rlimit {
+            rlim_cur: (want as libc::rlim_t).max(limit.rlim_cur),
+            rlim_max: (want as libc::rlim_t).max(limit.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
+            return wanted.rlim_cur as u64;
+        }
+        let to_hard = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &to_hard) == 0 {
+            return to_hard.rlim_cur as u64;
+        }
+        limit.rlim_cur as u64
+    }
+}
+
+/// The filter counters (`cas_conflicts`, `fail_open.*`) of every pool of an Envoy.
+fn filter_counters(admin: &str, pool: &str) -> FilterStats {
+    http_get(admin, "/stats?filter=cas_conflicts%7Cfail_open")
+        .map(|(_, body)| filter_stats(&body, pool))
+        .unwrap_or_default()
+}
+
+/// The fast backend for `endpoints` endpoints: Envoy processes of at most 256 listeners each
+/// (started in parallel); returns them and every listener's port.
+fn start_backends(env: &Env, endpoints: u32) -> Result<(Vec<Proc>, Vec<u16>), String> {
+    let mut starting = Vec::new();
+    for (i, count) in backend_split(endpoints).into_iter().enumerate() {
+        let config = fast_backend_config(count);
+        if i == 0 {
+            env.validate("backend", &config)?;
+        }
+        starting.push(env.spawn_envoy(&format!("backend-{endpoints}-{i}"), &config, 1)?);
+    }
+    let mut ports = Vec::new();
+    for s in &mut starting {
+        let (_, listeners) = env.await_envoy(s)?;
+        // Listeners are named b0, b1, ...: keep their order.
+        let mut named: Vec<(u32, u16)> = listeners
+            .iter()
+            .filter_map(|(n, a)| {
+                Some((
+                    n.strip_prefix('b')?.parse().ok()?,
+                    a.rsplit(':').next()?.parse().ok()?,
+                ))
+            })
+            .collect();
+        named.sort_unstable();
+        ports.extend(named.into_iter().map(|(_, p)| p));
+    }
+    if ports.len() != endpoints as usize {
+        return Err(format!(
+            "the backend listens on {} ports, not {endpoints}",
+            ports.len()
+        ));
+    }
+    Ok((starting.into_iter().map(|s| s.proc).collect(), ports))
+}
+
+/// One wrk run; returns its parsed output and the CPU of the proxy, backend and wrk.
+fn wrk_run(
+    target: &OverheadTarget,
+    backends: &[u32],
+    regime: &Regime,
+    seconds: u32,
+    script: Option<&Path>,
+) -> Result<(WrkResult, f64, Usage, Usage, Usage), String> {
+    let before = process_cpu_s(target.pid).unwrap_or(0.0);
+    let mut command = Command::new("wrk");
+    command
+        .arg(format!("-t{}", wrk_threads(regime)))
+        .arg(format!("-c{}", regime.connections))
+        .args(["--latency", "-d"])
+        .arg(format!("{seconds}s"));
+    if let Some(script) = script {
+        command.arg("-s").arg(script);
+    }
+    let wrk = command
+        .arg(&target.url)
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("wrk: {e} (make bench-overhead installs it)"))?;
+    let mut wrk = Proc::new(wrk, "wrk");
+    let mut watch = CpuWatch::new(vec![
+        ("proxy", vec![target.pid]),
+        ("backend", backends.to_vec()),
+        ("wrk", vec![wrk.pid()]),
+    ]);
+    watch.wait(&mut wrk.child)?;
+    let proxy_cpu_s = process_cpu_s(target.pid).unwrap_or(0.0) - before;
+    let mut text = String::new();
+    if let Some(mut stdout) = wrk.child.stdout.take() {
+        let _ = stdout.read_to_string(&mut text);
+    }
+    let parsed =
+        overhead::parse_wrk(&text).ok_or_else(|| format!("cannot read wrk output:\n{text}"))?;
+    Ok((
+        parsed,
+        proxy_cpu_s,
+        watch.usage("proxy"),
+        watch.usage("backend"),
+        watch.usage("wrk"),
+    ))
+}
+
+type WrkResult = (u64, f64, f64, f64, u64);
+
+/// A regime's rounds: an uncounted warm-up round, then `rounds` rounds of every target in
+/// alternating order; the filter's counters are read (after a housekeeping flush) before the
+/// first and after the last measured round.
+fn overhead_rounds(
+    regime: Regime,
+    targets: &[OverheadTarget],
+    backends: &[u32],
+    params: &OverheadParams,
+    seconds: u32,
+    script: Option<&Path>,
+) -> Result<(Vec<Measurement>, Vec<FilterCounts>), String> {
+    let mut measurements = Vec::new();
+    let mut filters = Vec::new();
+    if params.max_warmup_s > 0 {
+        let warmup = warmup_seconds(&regime).min(params.max_warmup_s);
+        for t in targets {
+            wrk_run(t, backends, &regime, warmup, script)?;
+        }
+    }
+    // The filter flushes its counters on its housekeeping tick (1 s): wait for the warm-up's.
+    let settle = || std::thread::sleep(Duration::from_millis(1200));
+    if params.max_warmup_s > 0 {
+        settle();
+    }
+    let before: Vec<FilterStats> = targets
+        .iter()
+        .map(|t| filter_counters(&t.admin, &t.name))
+        .collect();
+    for round in 1..=params.rounds {
+        let mut order: Vec<usize> = (0..targets.len()).collect();
+        // Alternate the direction so no variant always runs right after another.
+        if round % 2 == 0 {
+            order.reverse();
+        }
+        for i in order {
+            let t = &targets[i];
+            let (
+                (requests, requests_per_s, p50_ms, p99_ms, errors),
+                proxy_cpu_s,
+                proxy,
+                backend,
+                load,
+            ) = wrk_run(t, backends, &regime, seconds, script)?;
+            let m = Measurement {
+                variant: t.name.clone(),
+                regime,
+                round,
+                requests,
+                requests_per_s,
+                p50_ms,
+                p99_ms,
+                proxy_cpu_s,
+                proxy,
+                backend,
+                load,
+                errors,
+            };
+            eprintln!(
+                "{:<48} round {round} {:<20} {requests_per_s:>8.0} req/s  {:>6.1} µs/request  p99 {p99_ms:>6.2} ms  errors {errors}",
+                regime.label(),
+                t.name,
+                m.cpu_us_per_request()
+            );
+            measurements.push(m);
+        }
+    }
+    settle();
+    for (t, b) in targets.iter().zip(before) {
+        if !t.filter {
+            continue;
+        }
+        let a = filter_counters(&t.admin, &t.name);
+        filters.push(FilterCounts {
+            variant: t.name.clone(),
+            regime,
+            stats: FilterStats {
+                cas_conflicts: a.cas_conflicts.saturating_sub(b.cas_conflicts),
+                fail_open: a.fail_open.saturating_sub(b.fail_open),
+                ..FilterStats::default()
+            },
+        });
+    }
+    Ok((measurements, filters))
+}
+
+/// Starts one proxy Envoy per variant (in parallel; a proxy each, so that 16 workers x 1,024
+/// endpoints of upstream connections stay within one process's file descriptors) and waits for
+/// them. A variant whose plugin configuration the filter rejects is skipped with a note.
+fn start_proxies(
+    env: &Env,
+    tag: &str,
+    ports: &[u16],
+    variants: &[Variant],
+    workers: u32,
+    notes: &mut Vec<String>,
+) -> Result<(Vec<Proc>, Vec<OverheadTarget>), String> {
+    let mut starting = Vec::new();
+    for v in variants {
+        let config = proxy_config_with_admin(&env.wasm(), ports, std::slice::from_ref(v), None);
+        starting.push((
+            v,
+            env.spawn_envoy(&format!("proxy-{tag}-{}", v.name), &config, workers)?,
+        ));
+    }
+    let mut procs = Vec::new();
+    let mut targets = Vec::new();
+    for (v, mut s) in starting {
+        match env.await_envoy(&mut s) {
+            Ok((admin, listeners)) => {
+                targets.push(OverheadTarget {
+                    name: v.name.clone(),
+                    url: format!("http://{}/", address_of(&listeners, &v.name)?),
+                    pid: s.proc.pid(),
+                    admin,
+                    filter: v.policy.uses_filter(),
+                });
+                procs.push(s.proc);
+            }
+            Err(e) if e.contains("rejecting plugin configuration") => {
+                let line = e
+                    .lines()
+                    .find(|l| l.contains("rejecting plugin configuration"))
+                    .unwrap_or("rejecting plugin configuration")
+                    .to_owned();
+                eprintln!("model-bench: skipping {}: {line}", v.name);
+                let note = format!(
+                    "**Not run:** {}: the filter rejects its configuration ({}).",
+                    v.name,
+                    line.split_once("model-lb: ")
+                        .map_or(line.as_str(), |(_, l)| l)
+                );
+                if !notes.contains(&note) {
+                    notes.push(note);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((procs, targets))
+}
+
+/// File descriptors a regime needs in its busiest process: a proxy holds a connection per
+/// (worker, endpoint) it has sent to, a backend process the same for each of its listeners and
+/// each live proxy.
+fn fds_needed(workers: u32, endpoints: u32, proxies: u32) -> u64 {
+    let per_backend = u64::from(endpoints.min(BACKEND_LISTENERS_PER_PROCESS));
+    let proxy = u64::from(workers) * u64::from(endpoints) + 512;
+    let backend = per_backend * (1 + u64::from(proxies) * u64::from(workers)) + 512;
+    proxy.max(backend)
 }
 
 fn overhead(env: &Env, params: &OverheadParams, smoke: bool, out: &Path) -> Result<(), String> {
@@ -1115,156 +1433,145 @@ fn overhead(env: &Env, params: &OverheadParams, smoke: bool, out: &Path) -> Resu
             env.noop_wasm.display()
         ));
     }
-    let variants = overhead_variants(&env.noop_wasm.to_string_lossy());
-    let server_load = overhead_server_load_variant();
-    let mut names: Vec<String> = variants.iter().map(|v| v.name.clone()).collect();
-    let mut server_load_runs = true;
+    let noop = env.noop_wasm.to_string_lossy().into_owned();
+    let max_workers = params.workers.iter().copied().max().unwrap_or(1);
+    let max_endpoints = params.endpoints.iter().copied().max().unwrap_or(1);
+    let need = fds_needed(max_workers, max_endpoints, 3);
+    let fd_limit = raise_fd_limit(need.max(65_536));
+    let mut names: Vec<String> = Vec::new();
+    let mut add_names = |vs: &[Variant]| {
+        for v in vs {
+            if !names.contains(&v.name) {
+                names.push(v.name.clone());
+            }
+        }
+    };
+    add_names(&overhead_variants(&noop, 1));
+    add_names(&[overhead_server_load_variant()]);
+    add_names(&overhead_body_variants());
     let mut notes = Vec::new();
     let mut measurements = Vec::new();
+    let mut filters = Vec::new();
+    let mut regimes = Vec::new();
+    let mut body_regimes = Vec::new();
     for &endpoints in &params.endpoints {
-        let backend_config = fast_backend_config(endpoints);
-        env.validate("backend", &backend_config)?;
-        let (backend, backend_listeners) = env.envoy("backend", &backend_config, 1)?;
-        let ports: Vec<u16> = backend_listeners
-            .iter()
-            .filter_map(|(_, a)| a.rsplit(':').next()?.parse().ok())
-            .collect();
-        if ports.len() != endpoints as usize {
-            return Err(format!(
-                "the backend listens on {} ports, not {endpoints}",
-                ports.len()
-            ));
-        }
-        let proxy_config = proxy_config(&env.wasm(), &ports, &variants);
-        env.validate("proxy", &proxy_config)?;
-        let (proxy, listeners) = env.envoy("proxy", &proxy_config, 1)?;
-        // (variant, URL, the proxy Envoy that serves it).
-        let mut targets: Vec<(String, String, u32)> = Vec::new();
-        for v in &variants {
-            let url = format!("http://{}/", address_of(&listeners, &v.name)?);
-            targets.push((v.name.clone(), url, proxy.pid()));
-        }
-        // LOR with server load polls every endpoint all the time: in an Envoy of its own, so
-        // that its polls cost only its own measurement.
-        let mut server_load_proxy = None;
-        if server_load_runs {
-            let config = proxy_config_with_admin(
-                &env.wasm(),
-                &ports,
-                std::slice::from_ref(&server_load),
-                None,
-            );
-            env.validate("proxy-server-load", &config)?;
-            let mut starting = env.spawn_envoy("proxy-server-load", &config, 1)?;
-            match env.await_envoy(&mut starting) {
-                Ok((admin, listeners)) => {
-                    let url = format!("http://{}/", address_of(&listeners, &server_load.name)?);
-                    targets.push((server_load.name.clone(), url, starting.proc.pid()));
-                    if !names.contains(&server_load.name) {
-                        names.push(server_load.name.clone());
-                    }
+        let (backends, ports) = start_backends(env, endpoints)?;
+        let backend_pids: Vec<u32> = backends.iter().map(Proc::pid).collect();
+        for &workers in &params.workers {
+            let mut variants = overhead_variants(&noop, workers);
+            let proxies = variants.len() as u32;
+            let need = fds_needed(workers, endpoints, proxies + 1);
+            if need > fd_limit {
+                return Err(format!(
+                    "{workers} workers x {endpoints} endpoints needs about {need} open files per process; the limit is {fd_limit}: raise it (`ulimit -n {need}`) or leave that regime out (--workers, --endpoints)"
+                ));
+            }
+            let regime = Regime {
+                workers,
+                endpoints,
+                body_bytes: None,
+                connections: connections_for(workers),
+            };
+            // LOR with server load polls every endpoint all the time: it runs with one worker,
+            // in an Envoy of its own like every variant, so its polls cost only its own runs.
+            if workers == 1 {
+                variants.push(overhead_server_load_variant());
+            }
+            let tag = format!("{workers}x{endpoints}");
+            let (procs, targets) =
+                start_proxies(env, &tag, &ports, &variants, workers, &mut notes)?;
+            if let Some(t) = targets.iter().find(|t| t.name == "mlb_lor_server_load") {
+                if let Some(main) = targets.iter().find(|t| t.name == BASELINE) {
                     notes.push(idle_polling(
-                        starting.proc.pid(),
-                        proxy.pid(),
-                        &admin,
-                        &server_load.name,
+                        t.pid,
+                        main.pid,
+                        &t.admin,
+                        &t.name,
                         endpoints,
                         if smoke { 1.0 } else { 5.0 },
                     ));
-                    server_load_proxy = Some(starting.proc);
                 }
-                Err(e) if e.contains("rejecting plugin configuration") => {
-                    let line = e
-                        .lines()
-                        .find(|l| l.contains("rejecting plugin configuration"))
-                        .unwrap_or("rejecting plugin configuration")
-                        .to_owned();
-                    eprintln!("model-bench: skipping {}: {line}", server_load.name);
-                    notes.push(format!(
-                        "**Not run:** {}: the filter does not accept `server_load` yet ({}).",
-                        server_load.name,
-                        line.split_once("model-lb: ")
-                            .map_or(line.as_str(), |(_, l)| l)
-                    ));
-                    server_load_runs = false;
-                }
-                Err(e) => return Err(e),
             }
+            let (m, f) = overhead_rounds(
+                regime,
+                &targets,
+                &backend_pids,
+                params,
+                params.seconds,
+                None,
+            )?;
+            measurements.extend(m);
+            filters.extend(f);
+            regimes.push(regime);
+            drop(procs);
         }
-        // Round 0 warms connections, caches and the wasm JIT up and is not counted.
-        for round in 0..=params.rounds {
-            let mut order: Vec<usize> = (0..targets.len()).collect();
-            // Alternate the direction so no variant always runs right after another.
-            if round % 2 == 1 {
-                order.reverse();
-            }
-            for i in order {
-                let (name, url, proxy_pid) = &targets[i];
-                let seconds = if round == 0 { 1 } else { params.seconds };
-                let before = process_cpu_s(*proxy_pid).unwrap_or(0.0);
-                let wrk = Command::new("wrk")
-                    .args(["-t1", "-c16", "--latency", "-d"])
-                    .arg(format!("{seconds}s"))
-                    .arg(url)
-                    .stdout(Stdio::piped())
-                    .spawn()
-                    .map_err(|e| format!("wrk: {e} (make bench-overhead installs it)"))?;
-                let mut wrk = Proc::new(wrk, "wrk");
-                let mut watch = CpuWatch::new(vec![
-                    ("proxy", vec![*proxy_pid]),
-                    ("backend", vec![backend.pid()]),
-                    ("wrk", vec![wrk.pid()]),
-                ]);
-                watch.wait(&mut wrk.child)?;
-                let proxy_cpu_s = process_cpu_s(*proxy_pid).unwrap_or(0.0) - before;
-                let mut text = String::new();
-                if let Some(mut stdout) = wrk.child.stdout.take() {
-                    let _ = stdout.read_to_string(&mut text);
+        if endpoints == params.body_endpoints && !params.bodies.is_empty() {
+            let variants = overhead_body_variants();
+            let (procs, targets) = start_proxies(
+                env,
+                &format!("body{endpoints}"),
+                &ports,
+                &variants,
+                1,
+                &mut notes,
+            )?;
+            for &bytes in &params.bodies {
+                let mut files = Vec::new();
+                for key in 0..16 {
+                    let path = env.work.join(format!("body-{bytes}-{key}.json"));
+                    std::fs::write(&path, overhead::chat_body(bytes, key))
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    files.push(path.to_string_lossy().into_owned());
                 }
-                let (requests, requests_per_s, p50_ms, p99_ms, errors) = overhead::parse_wrk(&text)
-                    .ok_or_else(|| format!("cannot read wrk output:\n{text}"))?;
-                if round == 0 {
-                    continue;
+                let script = env.work.join(format!("post-{bytes}.lua"));
+                std::fs::write(&script, overhead::wrk_post_script(&files))
+                    .map_err(|e| format!("{}: {e}", script.display()))?;
+                for (connections, seconds) in [
+                    (connections_for(1), params.seconds),
+                    (1, params.unloaded_seconds),
+                ] {
+                    let regime = Regime {
+                        workers: 1,
+                        endpoints,
+                        body_bytes: Some(bytes),
+                        connections,
+                    };
+                    let (m, f) = overhead_rounds(
+                        regime,
+                        &targets,
+                        &backend_pids,
+                        params,
+                        seconds,
+                        Some(&script),
+                    )?;
+                    measurements.extend(m);
+                    filters.extend(f);
+                    body_regimes.push(regime);
                 }
-                let m = Measurement {
-                    variant: name.clone(),
-                    endpoints,
-                    round,
-                    requests,
-                    requests_per_s,
-                    p50_ms,
-                    p99_ms,
-                    proxy_cpu_s,
-                    proxy: watch.usage("proxy"),
-                    backend: watch.usage("backend"),
-                    load: watch.usage("wrk"),
-                    errors,
-                };
-                eprintln!(
-                    "{endpoints:>3} endpoints round {round} {name:<20} {requests_per_s:>8.0} req/s  {:>5.1} µs/request  errors {errors}",
-                    m.cpu_us_per_request()
-                );
-                measurements.push(m);
             }
+            drop(procs);
         }
-        drop(server_load_proxy);
-        drop(proxy);
-        drop(backend);
+        drop(backends);
     }
+    regimes.sort_by_key(|r| (r.workers, r.endpoints));
+    regimes.extend(body_regimes);
+    let list = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
     let report = OverheadReport {
-        rows: overhead::rows(&measurements, &names, &params.endpoints),
+        rows: overhead::rows(&measurements, &names, &regimes, &filters),
         measurements,
         machine_line: machine().line(),
         method: format!(
-            "Method: one Envoy with `--concurrency 1` (the proxy) holds one listener and cluster per variant over the same endpoints: {} listeners of a second Envoy that answers 200 at once (`direct_response`). `wrk -t1 -c16 --latency` runs {} s per variant; {} rounds after an uncounted warm-up round, variants in alternating order. CPU per request is the proxy's user + system time over the run (`/proc/<pid>/stat`) divided by the requests wrk completed; the ratio to LEAST_REQUEST is taken per round, then the median. wasm_noop is LEAST_REQUEST behind a proxy-wasm filter that does nothing (`bench/noop-filter`): the floor for any wasm filter. mlb_lor_no_passive is LOR with `\"passive_health\": false`. mlb_lor_server_load is LOR with `server_load` as in production (`/metrics` of every endpoint every 100 ms through the pool's cluster, at most 200 polls/s: 256 endpoints are each polled every 1.28 s; the backend answers `/metrics` with vLLM's two gauges), in a proxy Envoy of its own, so its CPU per request includes its polls and the other variants' does not.",
-            params
-                .endpoints
-                .iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>()
-                .join(" or "),
+            "Method: a fast backend (Envoy answering 200 once it has the request body, `direct_response` behind the buffer filter; processes of at most {BACKEND_LISTENERS_PER_PROCESS} listeners, one listener per endpoint) and, for every variant, a proxy Envoy of its own with `--concurrency` W and one listener and cluster over the endpoints, in regimes of W = {} workers x {} endpoints. Several workers per core is fine here: on this {}-core machine 16 workers time-share the cores (with wrk and the backend), so a request costs what it costs plus the context switches, and a compare-and-swap can lose to a worker that was descheduled between its read and its write, which makes conflicts likelier than on 16 real cores; the CPU per request still counts every cycle spent on it, and LEAST_REQUEST in the same regime pays the same. Each listener spreads its connections exactly evenly over the workers (`connection_balance_config: exact_balance`), and wrk opens 4 connections per worker, at least 16 (`-t1` with one worker, `-t2` otherwise), so every worker is busy. wrk runs {} s per variant; {} rounds after an uncounted warm-up round (long enough for every worker to connect to most endpoints, at most {} s; 0: none), variants in alternating order. CPU per request is the proxy's user + system time over the run (`/proc/<pid>/stat`) divided by the requests wrk completed; ratios and differences to LEAST_REQUEST are taken per round, then the median; the filter's *own cost* is its CPU per request minus LEAST_REQUEST's. CAS conflicts and fail-opens are the filter's counters (`wasmcustom.model_lb.<pool>.cas_conflicts`, `fail_open.*`) from the proxy's admin `/stats`, read before the first and after the last measured round (after a housekeeping flush). mlb_lor_batched is LOR with `\"release_batching_ms\": 10`. With one worker also: wasm_noop (LEAST_REQUEST behind a proxy-wasm filter that does nothing, `bench/noop-filter`: the floor for any wasm filter), mlb_lor_no_passive (`\"passive_health\": false`) and mlb_lor_server_load (`server_load` as in production: `/metrics` of every endpoint every 100 ms through the pool's cluster, at most 200 polls/s, so 1,024 endpoints are each polled every 5 s; its CPU per request includes its polls). Request bodies: {} endpoints, one worker, POST chat bodies of {} bytes (16 different keys in turn, the key in the first message), LOR against PREFIX_AWARE (default `prefix_length` 4096 and `concurrency_threshold` 8, with its hold filter), loaded (16 connections, {} s) and unloaded (one connection, {} s). Open-file limit for this run: {fd_limit}.",
+            list(&params.workers),
+            list(&params.endpoints),
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
             params.seconds,
-            params.rounds
+            params.rounds,
+            params.max_warmup_s,
+            params.body_endpoints,
+            list(&params.bodies),
+            params.seconds,
+            params.unloaded_seconds
         ),
         notes,
         elapsed_s: started.elapsed().as_secs_f64(),
@@ -1280,6 +1587,497 @@ fn overhead(env: &Env, params: &OverheadParams, smoke: bool, out: &Path) -> Resu
     println!("{md}");
     eprintln!("model-bench: wrote {}/overhead.{{json,md}}", out.display());
     Ok(())
+}
+
+/// A keep-alive HTTP/1.1 GET client for one server's `/load`, reconnecting when needed.
+struct KeepAlive {
+    addr: String,
+    stream: Option<BufReader<std::net::TcpStream>>,
+}
+
+impl KeepAlive {
+    fn new(addr: String) -> Self {
+        Self { addr, stream: None }
+    }
+
+    fn connect(&self) -> Option<BufReader<std::net::TcpStream>> {
+        let stream = std::net::TcpStream::connect(&self.addr).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let _ = stream.set_nodelay(true);
+        Some(BufReader::new(stream))
+    }
+
+    /// The body of `GET path`, or `None` (the connection is then dropped and remade next time).
+    fn get(&mut self, path: &str) -> Option<String> {
+        for _ in 0..2 {
+            if self.stream.is_none() {
+                self.stream = self.connect();
+            }
+            let stream = self.stream.as_mut()?;
+            let result = (|| -> Option<String> {
+                write!(
+                    stream.get_mut(),
+                    "GET {path} HTTP/1.1\r\nhost: bench\r\n\r\n"
+                )
+                .ok()?;
+                let mut line = String::new();
+                stream.read_line(&mut line).ok()?;
+                let status: u16 = line.split_whitespace().nth(1)?.parse().ok()?;
+                let mut length = None;
+                loop {
+                    line.clear();
+                    stream.read_line(&mut line).ok()?;
+                    let l = line.trim_end();
+                    if l.is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = l.split_once(':') {
+                        if k.eq_ignore_ascii_case("content-length") {
+                            length = v.trim().parse::<usize>().ok();
+                        }
+                    }
+                }
+                let mut body = vec![0u8; length?];
+                stream.read_exact(&mut body).ok()?;
+                (status == 200).then(|| String::from_utf8_lossy(&body).into_owned())
+            })();
+            if result.is_some() {
+                return result;
+            }
+            self.stream = None;
+        }
+        None
+    }
+}
+
+/// Samples every server's requests in flight (`GET /load`: running + waiting) every `every`
+/// in a thread of its own, until stopped.
+struct Sampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<Vec<u32>>>>,
+}
+
+impl Sampler {
+    fn start(ports: &[u16], every: Duration) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let mut clients: Vec<KeepAlive> = ports
+            .iter()
+            .map(|p| KeepAlive::new(format!("127.0.0.1:{p}")))
+            .collect();
+        let thread = std::thread::spawn(move || {
+            let mut sweeps = Vec::new();
+            let mut next = Instant::now();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let sweep: Option<Vec<u32>> = clients
+                    .iter_mut()
+                    .map(|c| {
+                        let body = c.get("/load")?;
+                        let v: Value = serde_json::from_str(&body).ok()?;
+                        v["server_load"].as_u64().map(|n| n as u32)
+                    })
+                    .collect();
+                // A sweep with a server that did not answer is left out, not guessed.
+                if let Some(sweep) = sweep {
+                    sweeps.push(sweep);
+                }
+                next += every;
+                let now = Instant::now();
+                if next > now {
+                    std::thread::sleep(next - now);
+                } else {
+                    next = now;
+                }
+            }
+            sweeps
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Vec<Vec<u32>> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A minimal HTTP/1.1 POST on a fresh connection: (status, the `x-served-by` header).
+fn http_post_served_by(addr: &str, path: &str, body: &str) -> Option<(u16, Option<String>)> {
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .ok()?;
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let head = text
+        .split_once("\r\n\r\n")
+        .map_or(text.as_str(), |(h, _)| h);
+    let served_by = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("x-served-by")
+            .then(|| v.trim().to_owned())
+    });
+    Some((status, served_by))
+}
+
+/// The simulated servers of a prefix run.
+fn start_prefix_fleet(
+    env: &Env,
+    servers: u32,
+    args: &[String],
+) -> Result<(Vec<Proc>, Vec<u16>), String> {
+    let mut procs = Vec::new();
+    let mut ports = Vec::new();
+    for i in 0..servers {
+        let (proc, port) = env.server(3000 + u64::from(i), args)?;
+        procs.push(proc);
+        ports.push(port);
+    }
+    Ok((procs, ports))
+}
+
+/// Every server's counters, in port order.
+fn prefix_counters(ports: &[u16]) -> Result<Vec<ServerCounters>, String> {
+    ports
+        .iter()
+        .map(|port| {
+            let (status, body) = http_get(&format!("127.0.0.1:{port}"), "/metrics")
+                .ok_or_else(|| format!("model-server on port {port}: no /metrics"))?;
+            if status != 200 {
+                return Err(format!("model-server on port {port}: /metrics {status}"));
+            }
+            ServerCounters::parse(&body)
+                .ok_or_else(|| format!("model-server on port {port}: no prefix-cache counters"))
+        })
+        .collect()
+}
+
+/// Two PREFIX_AWARE replicas in front of the same (fast) servers: does every key go to one
+/// server, whichever replica and worker routes it?
+fn prefix_agreement(env: &Env, params: &PrefixParams) -> Result<Agreement, String> {
+    let mut args = params.server_args();
+    // Fast: the check needs answers, not timing.
+    if let Some(i) = args.iter().position(|a| a == "--time-scale") {
+        args[i + 1] = "0.01".into();
+    }
+    let (fleet, ports) = start_prefix_fleet(env, params.servers, &args)?;
+    let variant = params.variant(Policy::ModelLbPrefixAware);
+    let config = proxy_config(&env.wasm(), &ports, std::slice::from_ref(&variant));
+    let mut starting = Vec::new();
+    for replica in ["a", "b"] {
+        starting.push(env.spawn_envoy(
+            &format!("prefix-replica-{replica}"),
+            &config,
+            params.envoy_concurrency,
+        )?);
+    }
+    let mut addresses = Vec::new();
+    for s in &mut starting {
+        let (_, listeners) = env.await_envoy(s)?;
+        addresses.push(address_of(&listeners, &variant.name)?);
+    }
+    let mut answers = Vec::new();
+    for group in 0..params.groups {
+        let mut per_replica: Vec<Vec<Option<String>>> = Vec::new();
+        for addr in &addresses {
+            let mut got = Vec::new();
+            for repeat in 0..params.agreement_repeats {
+                let body = params.agreement_body(group, repeat);
+                got.push(
+                    http_post_served_by(addr, "/v1/chat/completions", &body)
+                        .filter(|(status, _)| *status == 200)
+                        .and_then(|(_, b)| b),
+                );
+            }
+            per_replica.push(got);
+        }
+        let b = per_replica.pop().unwrap_or_default();
+        let a = per_replica.pop().unwrap_or_default();
+        answers.push((group, a, b));
+    }
+    drop(starting);
+    drop(fleet);
+    Ok(agreement(&answers, params.servers))
+}
+
+/// One run: fresh servers, one Envoy for the policy, one `model-load`; the servers' counters at
+/// the start and the end of the measured window, their requests in flight sampled throughout.
+fn prefix_run(
+    env: &Env,
+    params: &PrefixParams,
+    planned: &PrefixPlanned,
+) -> Result<PrefixRun, String> {
+    let policy = planned.policy;
+    let (fleet, ports) = start_prefix_fleet(env, params.servers, &params.server_args())?;
+    let variant = params.variant(policy);
+    let config = proxy_config(&env.wasm(), &ports, std::slice::from_ref(&variant));
+    let mut starting = env.spawn_envoy(
+        &format!("prefix-{}", policy.id()),
+        &config,
+        params.envoy_concurrency,
+    )?;
+    let (admin, listeners) = env.await_envoy(&mut starting)?;
+    let url = format!("http://{}", address_of(&listeners, &variant.name)?);
+    let samples_path = env.work.join("samples.jsonl");
+    let _ = std::fs::remove_file(&samples_path);
+    let sampler = Sampler::start(&ports, Duration::from_millis(params.sample_every_ms));
+    let load = Command::new(env.sim.join("model-load"))
+        .args(["--url", &url])
+        .args(params.load_args(planned.workload, planned.round))
+        .args(["--label", policy.id()])
+        .arg("--samples")
+        .arg(&samples_path)
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("model-load: {e} (run `make sim`)"))?;
+    let mut load = Proc::new(load, "model-load");
+    let started = Instant::now();
+    let mut watch = CpuWatch::new(vec![
+        (render::LOAD, vec![load.pid()]),
+        (render::ENVOY, vec![starting.proc.pid()]),
+        (render::SERVER, fleet.iter().map(Proc::pid).collect()),
+    ]);
+    let window = [params.warmup_s, params.warmup_s + params.duration_s];
+    let mut scraped: Vec<Vec<ServerCounters>> = Vec::new();
+    let status = loop {
+        if let Some(status) = load.child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        if let Some(&at) = window.get(scraped.len()) {
+            if elapsed >= at {
+                scraped.push(prefix_counters(&ports)?);
+                continue;
+            }
+        }
+        watch.sample();
+        let next = window.get(scraped.len()).map_or(SAMPLE_EVERY, |&at| {
+            Duration::from_secs_f64((at - elapsed).max(0.0))
+        });
+        std::thread::sleep(next.min(SAMPLE_EVERY));
+    };
+    watch.sample();
+    let sweeps = sampler.finish();
+    if !status.success() {
+        return Err(format!(
+            "model-load against {} failed ({status})",
+            policy.id()
+        ));
+    }
+    while scraped.len() < 2 {
+        scraped.push(prefix_counters(&ports)?);
+    }
+    let filter = if policy.uses_filter() {
+        // The filter flushes its counters on its housekeeping tick (1 s).
+        std::thread::sleep(Duration::from_millis(1200));
+        let body = http_get(
+            &admin,
+            &format!("/stats?filter=wasmcustom.model_lb.{}.", variant.name),
+        )
+        .map_or(String::new(), |(_, b)| b);
+        Some(filter_stats(&body, &variant.name))
+    } else {
+        None
+    };
+    terminate(starting.proc.pid());
+    let machine = watch.machine();
+    let ours = watch.total();
+    let cpu = Cpu {
+        load: watch.usage(render::LOAD),
+        envoy_busiest: watch.usage(render::ENVOY),
+        envoy_total: watch.role_total(render::ENVOY),
+        server_busiest: watch.usage(render::SERVER),
+        servers_total: watch.role_total(render::SERVER),
+        others: Usage {
+            average: (machine.average - ours.average).max(0.0),
+            peak: (machine.peak - ours.peak).max(0.0),
+        },
+        machine,
+    };
+    drop(starting);
+    drop(fleet);
+    Ok(PrefixRun {
+        workload: planned.workload,
+        policy,
+        round: planned.round,
+        run: Run {
+            policy,
+            users: params.users(),
+            instances: params.servers,
+            round: planned.round,
+            samples: read_samples(&samples_path)?,
+            warmup_s: params.warmup_s,
+            duration_s: params.duration_s,
+        },
+        counters: ServerCounters::delta(&scraped[0], &scraped[1]),
+        guard: guard(&sweeps, params.threshold),
+        filter,
+        cpu,
+    })
+}
+
+fn prefix(env: &Env, params: &PrefixParams, smoke: bool, out: &Path) -> Result<(), String> {
+    let started = Instant::now();
+    let machine_at_start = machine();
+    if !params.key_is_the_system_prompt() {
+        eprintln!(
+            "model-bench: note: system prompts of {} tokens are shorter than prefix_length {}: PREFIX_AWARE's key will include the conversation's first messages",
+            params.system_prompt_tokens, params.prefix_length
+        );
+    }
+    // Every policy's listener in one config, checked once.
+    let variants: Vec<Variant> = params
+        .all_policies()
+        .into_iter()
+        .map(|p| params.variant(p))
+        .collect();
+    let ports: Vec<u16> = (0..params.servers).map(|i| 8000 + i as u16).collect();
+    env.validate("prefix", &proxy_config(&env.wasm(), &ports, &variants))?;
+    let plan = params.plan();
+    eprintln!(
+        "model-bench: {} runs of {} s + {} s; {} servers, {} users; first, two Envoy replicas on {} keys",
+        plan.len(),
+        params.warmup_s,
+        params.duration_s,
+        params.servers,
+        params.users(),
+        params.groups
+    );
+    let agreement = prefix_agreement(env, params)?;
+    eprintln!(
+        "agreement: {} of {} keys on the same server from both replicas ({} of {} servers own keys, {}-{} keys each)",
+        agreement.agreed,
+        agreement.keys,
+        agreement.servers_used,
+        agreement.servers,
+        agreement.keys_per_server.0,
+        agreement.keys_per_server.1
+    );
+    let mut runs = Vec::new();
+    for (i, planned) in plan.iter().enumerate() {
+        let run = prefix_run(env, params, planned)?;
+        let one = prefix_cells(std::slice::from_ref(&run));
+        if let Some(c) = one.first() {
+            let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
+            eprintln!(
+                "[{:>2}/{}] {:<6} {:<24} ttft p50 {:>5} ms  p99 {:>6} ms  {:>6.1}/instance/min  hit {:>5}  busiest {:>5}  most in flight {} ({})  errors {}",
+                i + 1,
+                plan.len(),
+                planned.workload.id(),
+                planned.policy.name(),
+                ms(c.ttft_p50_ms),
+                ms(c.stats.p99_ms),
+                c.stats.throughput_per_instance_per_min,
+                c.counters
+                    .hit_rate_pct()
+                    .map_or("-".into(), |v| format!("{v:.1}%")),
+                c.busiest
+                    .as_ref()
+                    .map_or("-".into(), |(_, v)| format!("{v:.1}%")),
+                c.guard.max,
+                c.guard.max_while_room,
+                c.stats.errors
+            );
+        }
+        runs.push(run);
+    }
+    let report = PrefixReport {
+        params: params.clone(),
+        cells: prefix_cells(&runs),
+        agreement,
+        machine: machine_at_start,
+        validation: "Every generated configuration passed `envoy --mode validate` first.".into(),
+        elapsed_s: started.elapsed().as_secs_f64(),
+        smoke,
+    };
+    let md = prefix_markdown(&report);
+    write(out, "prefix.json", &prefix_json(&report.cells))?;
+    write(out, "prefix.md", &md)?;
+    let title = format!(
+        "PREFIX_AWARE vs LOR and Envoy, {} servers, {} users, cache {} tokens ({})",
+        params.servers,
+        params.users(),
+        params.prefix_cache_tokens,
+        report.machine.date
+    );
+    write(out, "prefix.svg", &prefix_svg(&report.cells, &title))?;
+    println!("{md}");
+    eprintln!(
+        "model-bench: wrote {}/prefix.{{json,md,svg}}",
+        out.display()
+    );
+    Ok(())
+}
+
+fn prefix_params(args: &Args) -> Result<PrefixParams, String> {
+    let mut p = if args.smoke {
+        PrefixParams::smoke()
+    } else {
+        PrefixParams::full()
+    };
+    let fraction = |flag: &str, v: &str| -> Result<f64, String> {
+        v.parse::<f64>()
+            .ok()
+            .filter(|x| *x > 0.0 && *x <= 1.0)
+            .ok_or_else(|| format!("{flag} needs a number in (0, 1], not {v:?}"))
+    };
+    for (flag, value) in &args.options {
+        let policies = || parse_prefix_policies(value).map_err(|e| format!("{flag}: {e}"));
+        match flag.as_str() {
+            "--rounds" => p.rounds = positive(flag, value)?,
+            "--duration" => p.duration_s = positive(flag, value)?,
+            "--warmup" => {
+                p.warmup_s = value
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|w| *w >= 0.0)
+                    .ok_or_else(|| format!("{flag} needs a number >= 0, not {value:?}"))?;
+            }
+            "--time-scale" => p.server.time_scale = fraction(flag, value)?,
+            "--servers" => p.servers = positive(flag, value)?,
+            "--users-per-server" => p.users_per_server = positive(flag, value)?,
+            "--threshold" => p.threshold = positive(flag, value)?,
+            "--cache-tokens" => p.prefix_cache_tokens = positive(flag, value)?,
+            "--groups" => p.groups = positive(flag, value)?,
+            "--workloads" => {
+                p.workloads = value
+                    .split(',')
+                    .map(|id| {
+                        PrefixWorkload::from_id(id.trim()).ok_or_else(|| {
+                            format!("{flag}: unknown {id:?}; known: shared, unique, hot")
+                        })
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            "--shared-policies" => p.shared_policies = policies()?,
+            "--unique-policies" => p.unique_policies = policies()?,
+            "--hot-policies" => p.hot_policies = policies()?,
+            _ => return Err(format!("prefix does not take {flag}\n\n{USAGE}")),
+        }
+    }
+    if p.prefix_cache_tokens > p.kv_cache_tokens {
+        p.kv_cache_tokens = p.prefix_cache_tokens;
+    }
+    Ok(p)
 }
 
 /// Parsed command line.
@@ -1362,26 +2160,48 @@ fn overhead_params(args: &Args) -> Result<OverheadParams, String> {
             rounds: 1,
             seconds: 1,
             endpoints: vec![4],
+            workers: vec![1, 4],
+            bodies: vec![1024, 65536],
+            body_endpoints: 4,
+            unloaded_seconds: 1,
+            max_warmup_s: 0,
         }
     } else {
         OverheadParams {
-            rounds: 5,
+            rounds: 3,
             seconds: 5,
-            endpoints: vec![4, 256],
+            endpoints: vec![4, 256, 1024],
+            workers: vec![1, 4, 16],
+            bodies: vec![1024, 65536, 1 << 20],
+            body_endpoints: 4,
+            unloaded_seconds: 2,
+            max_warmup_s: 12,
         }
+    };
+    let list = |flag: &str, value: &str| -> Result<Vec<u32>, String> {
+        value.split(',').map(|n| positive(flag, n.trim())).collect()
     };
     for (flag, value) in &args.options {
         match flag.as_str() {
             "--rounds" => p.rounds = positive(flag, value)?,
             "--seconds" => p.seconds = positive(flag, value)?,
-            "--endpoints" => {
-                p.endpoints = value
-                    .split(',')
-                    .map(|n| positive(flag, n.trim()))
-                    .collect::<Result<_, _>>()?;
+            "--endpoints" => p.endpoints = list(flag, value)?,
+            "--workers" => p.workers = list(flag, value)?,
+            "--bodies" => {
+                p.bodies = if value == "none" {
+                    Vec::new()
+                } else {
+                    list(flag, value)?
+                };
+                if p.bodies.iter().any(|&b| b < 256) {
+                    return Err("--bodies: each body needs at least 256 bytes".into());
+                }
             }
             _ => return Err(format!("overhead does not take {flag}\n\n{USAGE}")),
         }
+    }
+    if !p.bodies.is_empty() && !p.endpoints.contains(&p.body_endpoints) {
+        p.body_endpoints = p.endpoints.iter().copied().min().unwrap_or(4);
     }
     Ok(p)
 }
@@ -1460,6 +2280,13 @@ fn run(args: &Args) -> Result<(), String> {
             let params = overhead_params(args)?;
             let env = Env::new()?;
             let result = overhead(&env, &params, args.smoke, &args.out);
+            let _ = std::fs::remove_dir_all(&env.work);
+            result
+        }
+        "prefix" => {
+            let params = prefix_params(args)?;
+            let env = Env::new()?;
+            let result = prefix(&env, &params, args.smoke, &args.out);
             let _ = std::fs::remove_dir_all(&env.work);
             result
         }
