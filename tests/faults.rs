@@ -377,16 +377,28 @@ fn oversized_and_malformed_requests_never_eject_a_healthy_backend() {
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let responses: Vec<Response> = normal.into_iter().flat_map(|n| n.join().unwrap()).collect();
+    // Each 503 an attacker saw is an upstream reset that passive health would have counted;
+    // how many of the 5 MB uploads end as a 503 rather than a clean 413 is a race between
+    // Envoy still sending and the backend closing, so the count varies from run to run.
+    let resets_seen = statuses.iter().filter(|&&s| s == 503).count() as u64;
     statuses.sort();
     statuses.dedup();
+    let excused = stat(&pool, "excused_failures");
     eprintln!(
-        "FIGURE hostile: {HOSTILE} hostile requests (statuses {statuses:?}) during {} ordinary ones: {} ejections, {} failures excused",
+        "FIGURE hostile: {HOSTILE} hostile requests (statuses {statuses:?}, {resets_seen} of them 503) during {} ordinary ones: {} ejections, {excused} failures excused",
         responses.len(),
         stat(&pool, "ejections"),
-        stat(&pool, "excused_failures")
     );
-    // The attack reached the backends and was recognised as the client's doing...
-    assert!(stat(&pool, "excused_failures") >= 20, "{statuses:?}");
+    // The attack reached the backends, and every failure it caused was recognised as the
+    // client's doing (abandoned uploads add excused failures that no client sees)...
+    assert!(
+        resets_seen >= 5,
+        "the attack caused too few upstream resets to prove anything: {statuses:?}"
+    );
+    assert!(
+        excused >= resets_seen,
+        "{excused} excused, but clients saw {resets_seen} resets"
+    );
     // ...and changed nothing: no ejection, every backend eligible, ordinary traffic unharmed
     // and still spread over all three.
     assert_eq!(stat(&pool, "ejections"), 0);
