@@ -338,6 +338,12 @@ fn oversized_and_malformed_requests_never_eject_a_healthy_backend() {
         fast_health_checks,
     );
     let listener = pool.envoy.listener;
+    // Until then the filter fails open, and a request it did not route teaches it nothing.
+    wait_until(
+        Duration::from_secs(10),
+        "admin polling to mark every endpoint eligible",
+        || stat(&pool, "admin_polls") >= 3 && stat(&pool, "eligible_endpoints") == 3,
+    );
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Ordinary traffic throughout, from two clients.
     let normal: Vec<_> = (0..2)
@@ -383,6 +389,10 @@ fn oversized_and_malformed_requests_never_eject_a_healthy_backend() {
     let resets_seen = statuses.iter().filter(|&&s| s == 503).count() as u64;
     statuses.sort();
     statuses.dedup();
+    // Each worker's VM flushes its own counts on its own tick.
+    wait_until(Duration::from_secs(10), "every reset to be judged", || {
+        stat(&pool, "excused_failures") >= resets_seen
+    });
     let excused = stat(&pool, "excused_failures");
     eprintln!(
         "FIGURE hostile: {HOSTILE} hostile requests (statuses {statuses:?}, {resets_seen} of them 503) during {} ordinary ones: {} ejections, {excused} failures excused",
