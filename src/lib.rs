@@ -3,7 +3,8 @@
 //!
 //! Everything but `glue` is plain Rust with native unit tests: configuration, selection, the
 //! shared outstanding-request table and the tracker that updates it through [`store::SharedStore`].
-//! `glue` is the only module that talks to proxy-wasm, and it only exists in the wasm build.
+//! `glue` is the only module that talks to Envoy, through one trait (`glue::host::Host`) that the
+//! wasm build implements over proxy-wasm host calls and the unit tests over a simulated stream.
 
 /// The build's version: `MODEL_LB_VERSION` at compile time (`make dist` sets it from git), else
 /// the package version. Logged at start-up and exposed as a stat, so an operator knows what runs.
@@ -39,5 +40,6 @@ pub mod store;
 pub mod table;
 pub mod tracker;
 
-#[cfg(target_arch = "wasm32")]
+// Natively, the glue exists for its unit tests only.
+#[cfg(any(target_arch = "wasm32", test))]
 mod glue;

@@ -327,7 +327,7 @@ impl PoolTracker {
     }
 
     /// Reads the published load record into this VM's view (cheap when it did not change).
-    pub fn refresh_view<S: SharedStore>(&mut self, store: &S) -> Result<(), TrackerError> {
+    pub fn refresh_view<S: SharedStore + ?Sized>(&mut self, store: &S) -> Result<(), TrackerError> {
         let record = store.get(&self.load_record_key())?;
         self.view.refresh(record, &self.membership);
         Ok(())
@@ -339,7 +339,7 @@ impl PoolTracker {
     }
 
     /// This Envoy's in-flight count on `address`, read fresh from the shared table.
-    pub fn local_count<S: SharedStore>(
+    pub fn local_count<S: SharedStore + ?Sized>(
         &mut self,
         store: &S,
         address: &str,
@@ -390,7 +390,7 @@ impl PoolTracker {
     /// sees the requests the old one still has in flight). Endpoints of other configurations
     /// stay until nobody has wanted them for a lease. Run from `on_configure`, before traffic,
     /// and again from housekeeping if this configuration's endpoints were pruned meanwhile.
-    pub fn install<S: SharedStore>(&mut self, store: &S) -> Result<Install, TrackerError> {
+    pub fn install<S: SharedStore + ?Sized>(&mut self, store: &S) -> Result<Install, TrackerError> {
         for attempt in 0..INSTALL_ATTEMPTS {
             let Some((bytes, cas)) = store.get(&self.table_key)? else {
                 self.create(store)?;
@@ -481,7 +481,7 @@ impl PoolTracker {
         }
     }
 
-    fn create<S: SharedStore>(&mut self, store: &S) -> Result<(), TrackerError> {
+    fn create<S: SharedStore + ?Sized>(&mut self, store: &S) -> Result<(), TrackerError> {
         let membership = self.write_membership(store, self.configured.clone())?;
         let mut table = Table::new(membership.token(), membership.len());
         self.mark_wanted(&mut table, &membership);
@@ -493,7 +493,7 @@ impl PoolTracker {
         Ok(())
     }
 
-    fn write_membership<S: SharedStore>(
+    fn write_membership<S: SharedStore + ?Sized>(
         &mut self,
         store: &S,
         endpoints: Vec<String>,
@@ -516,7 +516,7 @@ impl PoolTracker {
         Err(TrackerError::Contention)
     }
 
-    fn load_membership<S: SharedStore>(
+    fn load_membership<S: SharedStore + ?Sized>(
         &self,
         store: &S,
         token: u64,
@@ -542,7 +542,7 @@ impl PoolTracker {
 
     /// Reads the table and follows its membership. A table that vanished or is damaged (only a
     /// bug or a foreign writer can do that) is re-created rather than failing every request.
-    fn read<S: SharedStore>(&mut self, store: &S) -> Result<(Table, u32), TrackerError> {
+    fn read<S: SharedStore + ?Sized>(&mut self, store: &S) -> Result<(Table, u32), TrackerError> {
         match self.read_consistent(store) {
             Err(TrackerError::Table(_) | TrackerError::Membership(_)) => {
                 self.create(store)?;
@@ -552,7 +552,10 @@ impl PoolTracker {
         }
     }
 
-    fn read_consistent<S: SharedStore>(&mut self, store: &S) -> Result<(Table, u32), TrackerError> {
+    fn read_consistent<S: SharedStore + ?Sized>(
+        &mut self,
+        store: &S,
+    ) -> Result<(Table, u32), TrackerError> {
         let (bytes, cas) = store
             .get(&self.table_key)?
             .ok_or(TableError::Malformed("table missing"))?;
@@ -579,7 +582,7 @@ impl PoolTracker {
         rng: &mut R,
     ) -> Result<Routed, TrackerError>
     where
-        S: SharedStore,
+        S: SharedStore + ?Sized,
         R: RandomSource,
     {
         let choice = match strategy {
@@ -600,7 +603,7 @@ impl PoolTracker {
         rng: &mut R,
     ) -> Result<Routed, TrackerError>
     where
-        S: SharedStore,
+        S: SharedStore + ?Sized,
         R: RandomSource,
     {
         for attempt in 0..ROUTE_ATTEMPTS {
@@ -692,7 +695,7 @@ impl PoolTracker {
 
     /// Ends a request's count and folds its outcome into the endpoint's passive health. Never
     /// loses the decrement: what cannot be written now is retried on the next tick.
-    pub fn release<S: SharedStore>(
+    pub fn release<S: SharedStore + ?Sized>(
         &mut self,
         store: &S,
         ticket: Ticket,
@@ -735,7 +738,7 @@ impl PoolTracker {
         self.pending.push((ticket, outcome));
     }
 
-    fn try_release<S: SharedStore>(
+    fn try_release<S: SharedStore + ?Sized>(
         &mut self,
         store: &S,
         ticket: &Ticket,
@@ -767,7 +770,7 @@ impl PoolTracker {
 
     /// Applies one release to a table copy: the decrement (under the slot owner it was counted
     /// under) and the outcome's passive-health news. Returns whether the table changed.
-    fn apply_release<S: SharedStore>(
+    fn apply_release<S: SharedStore + ?Sized>(
         &mut self,
         store: &S,
         table: &mut Table,
@@ -827,7 +830,7 @@ impl PoolTracker {
 
     /// Applies every folded release to `table`; the caller writes it. Returns what each did,
     /// to be counted once the write succeeds.
-    fn apply_folded<S: SharedStore>(
+    fn apply_folded<S: SharedStore + ?Sized>(
         &mut self,
         store: &S,
         table: &mut Table,
@@ -861,7 +864,7 @@ impl PoolTracker {
     }
 
     /// Writes the folded releases on their own (an idle VM's tick): never later than this.
-    pub fn flush_folded<S: SharedStore>(&mut self, store: &S) {
+    pub fn flush_folded<S: SharedStore + ?Sized>(&mut self, store: &S) {
         if self.folded.is_empty() {
             return;
         }
@@ -889,7 +892,7 @@ impl PoolTracker {
     }
 
     /// The table column of the ticket's endpoint, following membership changes by address.
-    fn locate<S: SharedStore>(
+    fn locate<S: SharedStore + ?Sized>(
         &mut self,
         store: &S,
         table: &Table,
@@ -911,7 +914,7 @@ impl PoolTracker {
     /// Applies Envoy's view of the watched cluster (from the admin API): marks endpoints Envoy
     /// considers unhealthy, or that the cluster does not have, as not routable, and with
     /// [`MembershipSource::Followed`] makes the pool's membership the cluster's.
-    pub fn apply_cluster<S: SharedStore>(
+    pub fn apply_cluster<S: SharedStore + ?Sized>(
         &mut self,
         store: &S,
         hosts: &[HostStatus],
@@ -996,7 +999,7 @@ impl PoolTracker {
     /// Periodic upkeep from `on_tick`: retries deferred releases, renews this VM's slot lease,
     /// and, on the one VM holding the leader lease, reaps slots of VMs that stopped heartbeating
     /// and reports the totals for the gauges.
-    pub fn housekeeping<S: SharedStore>(
+    pub fn housekeeping<S: SharedStore + ?Sized>(
         &mut self,
         store: &S,
         now_ms: u64,

@@ -13,10 +13,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::Action;
-
-use super::host;
+use super::host::{Host, HostRef};
 
 /// Carries the routing filter's context id to the hold filter of the same stream.
 pub const HOLD_HEADER: &str = "x-model-lb-hold";
@@ -34,29 +31,30 @@ pub fn expect(router: u32) {
 }
 
 pub struct Hold {
+    host: HostRef,
     context_id: u32,
     router: Option<u32>,
 }
 
 impl Hold {
-    pub fn new(context_id: u32) -> Self {
+    pub fn new(host: HostRef, context_id: u32) -> Self {
         Self {
+            host,
             context_id,
             router: None,
         }
     }
-}
 
-impl Context for Hold {}
-
-impl HttpContext for Hold {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let Some(router) = host::request_header(HOLD_HEADER)
+    /// Whether to hold the request (pause its headers) until the routing filter releases it.
+    pub fn on_request_headers(&mut self) -> bool {
+        let Some(router) = self
+            .host
+            .request_header(HOLD_HEADER)
             .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u32>().ok())
         else {
-            return Action::Continue;
+            return false;
         };
-        let _ = host::remove_request_header(HOLD_HEADER);
+        let _ = self.host.remove_request_header(HOLD_HEADER);
         let expected = HOLDS.with(|holds| match holds.borrow_mut().get_mut(&router) {
             Some(slot @ None) => {
                 *slot = Some(self.context_id);
@@ -65,10 +63,10 @@ impl HttpContext for Hold {
             _ => false,
         });
         if !expected {
-            return Action::Continue;
+            return false;
         }
         self.router = Some(router);
-        Action::Pause
+        true
     }
 }
 
@@ -87,19 +85,19 @@ impl Drop for Hold {
 
 /// Runs `decide` on the held stream of routing context `router` (so its header writes land in
 /// the held request), then lets that request go on. `false` when no hold filter holds it.
-pub fn release(router: u32, decide: impl FnOnce()) -> bool {
+pub fn release(host: &dyn Host, router: u32, decide: impl FnOnce()) -> bool {
     let Some(held) = HOLDS
         .with(|holds| holds.borrow_mut().remove(&router))
         .flatten()
     else {
         return false;
     };
-    if host::set_effective_context(held).is_err() {
+    if host.set_effective_context(held).is_err() {
         return false;
     }
     decide();
-    let _ = host::continue_request();
-    let _ = host::set_effective_context(router);
+    let _ = host.continue_request();
+    let _ = host.set_effective_context(router);
     true
 }
 

@@ -5,14 +5,11 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use proxy_wasm::traits::Context;
-
-use super::host::{self, HostStore};
+use super::host::Host;
 use super::stats::{counted, Stats};
 use super::{Filter, Root};
 use crate::admin::HostStatus;
 use crate::server_load::{decode_record, parse_report, Collector, Poller, ReportError, ServerLoad};
-use crate::store::SharedStore;
 use crate::tracker::PoolTracker;
 
 /// Callouts through an `ORIGINAL_DST` cluster are routed by this header; through the pool's own
@@ -131,7 +128,7 @@ impl Root {
         };
         if !self.load.publishing {
             self.load.publishing = true;
-            if let Ok(Some((bytes, _))) = HostStore.get(&tracker.load_record_key()) {
+            if let Ok(Some((bytes, _))) = self.host.get(&tracker.load_record_key()) {
                 if let Some(published) = decode_record(&bytes) {
                     self.load.collector.adopt(published);
                 }
@@ -148,7 +145,7 @@ impl Root {
         if let Some(record) = self.load.collector.take_record() {
             // One writer (the leader); a lost race with a leader that just stepped down is
             // corrected by the next publication.
-            let _ = HostStore.set(&tracker.load_record_key(), &record, 0);
+            let _ = self.host.set(&tracker.load_record_key(), &record, 0);
         }
     }
 
@@ -174,14 +171,17 @@ impl Root {
         );
         let timeout = Duration::from_millis(config.timeout_ms());
         for address in due {
-            let headers = vec![
+            let headers = [
                 (":method", "GET"),
                 (":path", config.path.as_str()),
                 (":authority", address.as_str()),
                 (filter.config.endpoint_header.as_str(), address.as_str()),
                 (ORIGINAL_DST_HEADER, address.as_str()),
             ];
-            match self.dispatch_http_call(&config.cluster, headers, None, vec![], timeout) {
+            match self
+                .host
+                .dispatch_http_call(&config.cluster, &headers, timeout)
+            {
                 Ok(token) => {
                     self.load.poller.started(token, &address, now_ms);
                     self.load.dispatched += 1;
@@ -191,7 +191,7 @@ impl Root {
                     self.load.last_error.insert(
                         address,
                         format!(
-                            "cannot call cluster \"{}\" ({status:?}); is it defined?",
+                            "cannot call cluster \"{}\" ({status}); is it defined?",
                             config.cluster
                         ),
                     );
@@ -209,8 +209,8 @@ impl Root {
         let Some(config) = &filter.config.server_load else {
             return;
         };
-        let now_ms = host::now_ms().unwrap_or(0);
-        let result = read_answer(config, body_size);
+        let now_ms = self.host.now_ms().unwrap_or(0);
+        let result = read_answer(&*self.host, config, body_size);
         let Some(address) = self
             .load
             .poller
@@ -223,7 +223,7 @@ impl Root {
         };
         let result = result.and_then(|report| {
             // The count at this instant is what the server's report includes of ours.
-            match tracker.local_count(&HostStore, &address) {
+            match tracker.local_count(&*self.host, &address) {
                 Ok(Some(local)) => Ok((report, local)),
                 _ => Err(ReportError::NoAnswer),
             }
@@ -237,7 +237,7 @@ impl Root {
                 // the server by one poll, not by a poll and a tick.
                 if self.load.publishing {
                     if let Some(record) = self.load.collector.take_record() {
-                        let _ = HostStore.set(&tracker.load_record_key(), &record, 0);
+                        let _ = self.host.set(&tracker.load_record_key(), &record, 0);
                     }
                 }
             }
@@ -256,15 +256,16 @@ impl Root {
 }
 
 fn read_answer(
+    host: &dyn Host,
     config: &ServerLoad,
     body_size: usize,
 ) -> Result<crate::server_load::Report, ReportError> {
-    match host::http_call_response_status() {
+    match host.http_call_response_status() {
         Some(200) if body_size > config.max_body_bytes => Err(ReportError::TooLarge {
             limit: config.max_body_bytes,
         }),
         Some(200) => {
-            let body = host::http_call_response_body(body_size).unwrap_or_default();
+            let body = host.http_call_response_body(body_size).unwrap_or_default();
             parse_report(config, &body)
         }
         Some(status) => Err(ReportError::Status(status)),

@@ -1,19 +1,30 @@
-//! The proxy-wasm glue: callbacks gather inputs, call the pure core, and apply its answer.
-//! Nothing here may panic: a panic traps the worker's VM and fails all of its traffic.
+//! The glue: callbacks gather inputs, call the pure core, and apply its answer. Nothing here
+//! may panic: a panic traps the worker's VM and fails all of its traffic.
+//!
+//! Everything Envoy provides comes through [`host::Host`], so this module also builds natively
+//! and its unit tests (`tests.rs`) drive it as Envoy would. Only `wasm.rs` is wasm-only: the
+//! host calls and the SDK's context traits, which hand each callback straight to the types here.
+
+// Natively only the unit tests drive the glue; the wasm build's lint still catches dead code.
+#![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
 mod hold;
 mod host;
 mod load;
 mod stats;
+#[cfg(target_arch = "wasm32")]
+mod wasm;
+
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests;
 
 use std::cell::RefCell;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 use std::time::Duration;
-
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
 
 use crate::admin;
 use crate::config::{self, Config};
@@ -24,17 +35,13 @@ use crate::rng::SplitMix64;
 use crate::select::{Choice, Selection, Strategy};
 use crate::server_load;
 use crate::tracker::{ClusterUpdate, Install, MembershipSource, PoolTracker, Ticket, TrackerError};
-use host::HostStore;
+use hold::Hold;
+use host::HostRef;
 use stats::{FailOpen, Stats};
 
-proxy_wasm::main! {{
-    // Envoy's own `wasm` log level filters further; request-path code logs nothing below warn.
-    proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::<Root>::default() });
-}}
-
-#[derive(Default)]
+/// A plugin's root context: configuration, the tick, and the callouts' answers.
 struct Root {
+    host: HostRef,
     filter: Option<Rc<Filter>>,
     /// This root is the hold filter (`{"role": "hold"}`), not the routing filter.
     hold: bool,
@@ -59,14 +66,29 @@ struct AdminPollState {
 /// A misconfiguration that persists is repeated this often, not on every poll.
 const MISSING_WARNING_REPEAT_MS: u64 = 60_000;
 
-impl Context for Root {
-    fn on_http_call_response(
-        &mut self,
-        token_id: u32,
-        _headers: usize,
-        body_size: usize,
-        _trailers: usize,
-    ) {
+/// The stream context a root creates: the routing filter's, or the hold filter's.
+// Short-lived: the wasm side moves it straight into the one Box the SDK wants, so boxing the
+// large variant here would cost a second allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum Stream {
+    Router(Request),
+    Hold(Hold),
+}
+
+impl Root {
+    fn new(host: HostRef) -> Self {
+        Self {
+            host,
+            filter: None,
+            hold: false,
+            poll: AdminPollState::default(),
+            load: load::LoadPolling::default(),
+            leader: false,
+            next_housekeeping_ms: 0,
+        }
+    }
+
+    fn on_http_call_response(&mut self, token_id: u32, body_size: usize) {
         if self.load.owns(token_id) {
             self.server_load_answer(token_id, body_size);
             return;
@@ -78,8 +100,10 @@ impl Context for Root {
         let Some(filter) = self.filter.clone() else {
             return;
         };
-        let result = match host::http_call_response_status() {
-            Some(200) => host::http_call_response_body(body_size)
+        let result = match self.host.http_call_response_status() {
+            Some(200) => self
+                .host
+                .http_call_response_body(body_size)
                 .ok_or_else(|| "empty answer".to_owned())
                 .and_then(|body| filter.apply_admin_answer(&body, &mut self.load)),
             Some(status) => Err(format!("HTTP status {status}")),
@@ -87,11 +111,11 @@ impl Context for Root {
         };
         filter.admin_poll_result(&mut self.poll, result);
     }
-}
 
-impl RootContext for Root {
-    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let bytes = match host::plugin_configuration() {
+    /// Whether Envoy may use this configuration: a bad one is rejected with a log line naming
+    /// the field and the fix.
+    fn on_configure(&mut self) -> bool {
+        let bytes = match self.host.plugin_configuration() {
             Ok(bytes) => bytes,
             Err(status) => {
                 log::error!(
@@ -111,7 +135,7 @@ impl RootContext for Root {
                 return false;
             }
         };
-        match Filter::configure(config) {
+        match Filter::configure(Rc::clone(&self.host), config) {
             Ok(filter) => {
                 self.filter = Some(Rc::new(filter));
                 true
@@ -127,7 +151,9 @@ impl RootContext for Root {
         let Some(filter) = self.filter.clone() else {
             return;
         };
-        let Some(now_ms) = host::now_ms() else { return };
+        let Some(now_ms) = self.host.now_ms() else {
+            return;
+        };
         filter.set_now(now_ms);
         filter.flush_folded();
         // Ticks come a little early or late: half a tick of slack keeps housekeeping at its
@@ -150,18 +176,20 @@ impl RootContext for Root {
             if self.poll.in_flight.is_none() && now_ms >= self.poll.next_due_ms {
                 self.poll.next_due_ms = now_ms.saturating_add(admin.interval_ms);
                 let timeout = Duration::from_millis(admin.interval_ms.min(5_000));
-                let headers = vec![
+                let headers = [
                     (":method", "GET"),
                     (":path", "/clusters?format=json"),
                     (":authority", "model-lb-admin-poll"),
                 ];
-                match self.dispatch_http_call(&admin.admin_cluster, headers, None, vec![], timeout)
+                match self
+                    .host
+                    .dispatch_http_call(&admin.admin_cluster, &headers, timeout)
                 {
                     Ok(token) => self.poll.in_flight = Some(token),
                     Err(status) => filter.admin_poll_result(
                         &mut self.poll,
                         Err(format!(
-                            "cannot call cluster \"{}\" ({status:?}); is it defined?",
+                            "cannot call cluster \"{}\" ({status}); is it defined?",
                             admin.admin_cluster
                         )),
                     ),
@@ -170,11 +198,12 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_stream(&self, context_id: u32) -> Stream {
         if self.hold {
-            return Some(Box::new(hold::Hold::new(context_id)));
+            return Stream::Hold(Hold::new(Rc::clone(&self.host), context_id));
         }
-        Some(Box::new(Request {
+        Stream::Router(Request {
+            host: Rc::clone(&self.host),
             context_id,
             filter: self.filter.clone(),
             ticket: None,
@@ -182,15 +211,12 @@ impl RootContext for Root {
             request_complete: false,
             request_body_bytes: 0,
             scanner: None,
-        }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+        })
     }
 }
 
 struct Filter {
+    host: HostRef,
     config: Config,
     /// The tick period: the housekeeping interval, or finer with server-load polling.
     tick_ms: u64,
@@ -200,7 +226,7 @@ struct Filter {
 }
 
 impl Filter {
-    fn configure(config: Config) -> Result<Self, String> {
+    fn configure(host: HostRef, config: Config) -> Result<Self, String> {
         for old in &config.deprecated {
             log::warn!(
                 "model-lb: pool \"{}\": configuration field \"{old}\" is deprecated; it is now \
@@ -209,7 +235,7 @@ impl Filter {
                 config::renamed(old)
             );
         }
-        let now_ms = host::now_ms().unwrap_or(0);
+        let now_ms = host.now_ms().unwrap_or(0);
         let seed = vm_seed(now_ms);
         let source = match &config.admin {
             Some(admin) if admin.follow_membership => MembershipSource::Followed,
@@ -223,7 +249,7 @@ impl Filter {
             seed,
             now_ms,
         );
-        let install = match tracker.install(&HostStore) {
+        let install = match tracker.install(&*host) {
             Ok(install) => install,
             // Heavy traffic from other workers on the same pool: the first housekeeping tick
             // finishes the job, and requests route within the pool as it is until then.
@@ -256,9 +282,9 @@ impl Filter {
             load.effective_stale_after_ms(config.endpoints.len())
         }));
         let interval = u32::try_from(tick_ms).unwrap_or(u32::MAX);
-        host::set_tick_period_ms(interval)
+        host.set_tick_period_ms(interval)
             .map_err(|status| format!("cannot set the housekeeping tick (status {status})"))?;
-        let stats = Stats::new(&config, tracker.membership());
+        let stats = Stats::new(Rc::clone(&host), &config, tracker.membership());
         if install != Install::Adopted {
             log::info!(
                 "model-lb {}: pool \"{}\": {}, strategy {}, header \"{}\", {} fallbacks ({})",
@@ -276,6 +302,7 @@ impl Filter {
             );
         }
         Ok(Self {
+            host,
             config,
             tick_ms,
             tracker: RefCell::new(tracker),
@@ -331,7 +358,7 @@ impl Filter {
             return None;
         };
         let routed = tracker.route_with(
-            &HostStore,
+            &*self.host,
             choice,
             self.config.fallback_endpoints,
             &mut *rng,
@@ -339,9 +366,13 @@ impl Filter {
         match routed {
             Ok(routed) => {
                 let value = routed.membership.header_value(&routed.selection);
-                if host::set_request_header(&self.config.endpoint_header, &value).is_err() {
+                if self
+                    .host
+                    .set_request_header(&self.config.endpoint_header, &value)
+                    .is_err()
+                {
                     // A request we could not steer must not count against the endpoint.
-                    tracker.release(&HostStore, routed.ticket, Outcome::Neutral);
+                    tracker.release(&*self.host, routed.ticket, Outcome::Neutral);
                     self.fail_open(Some(&mut stats), FailOpen::HeaderWrite);
                     return None;
                 }
@@ -366,7 +397,10 @@ impl Filter {
         else {
             return;
         };
-        let Some(value) = host::response_header(server_load::RESPONSE_REPORT_HEADER) else {
+        let Some(value) = self
+            .host
+            .response_header(server_load::RESPONSE_REPORT_HEADER)
+        else {
             return;
         };
         let Some(waiting) = std::str::from_utf8(&value)
@@ -391,7 +425,9 @@ impl Filter {
     }
 
     fn fail_open(&self, stats: Option<&mut Stats>, reason: FailOpen) {
-        let _ = host::remove_request_header(&self.config.endpoint_header);
+        let _ = self
+            .host
+            .remove_request_header(&self.config.endpoint_header);
         if let Some(stats) = stats {
             stats.fail_open(reason);
         }
@@ -400,7 +436,7 @@ impl Filter {
     fn release(&self, ticket: Ticket, outcome: Outcome) {
         match self.tracker.try_borrow_mut() {
             Ok(mut tracker) => {
-                tracker.release(&HostStore, ticket, outcome);
+                tracker.release(&*self.host, ticket, outcome);
             }
             // Unreachable in a single-threaded VM; were it not, leaking the count would be
             // worse than anything else, so say so loudly.
@@ -420,7 +456,7 @@ impl Filter {
     /// Writes the releases still waiting for a routing write (an idle VM's).
     fn flush_folded(&self) {
         if let Ok(mut tracker) = self.tracker.try_borrow_mut() {
-            tracker.flush_folded(&HostStore);
+            tracker.flush_folded(&*self.host);
         }
     }
 
@@ -428,7 +464,7 @@ impl Filter {
     fn refresh_view(&self) {
         if let Ok(mut tracker) = self.tracker.try_borrow_mut() {
             // A failed read keeps the previous view; the next tick tries again.
-            let _ = tracker.refresh_view(&HostStore);
+            let _ = tracker.refresh_view(&*self.host);
         }
     }
 
@@ -439,7 +475,7 @@ impl Filter {
         else {
             return false;
         };
-        let result = tracker.housekeeping(&HostStore, now_ms, self.config.vm_lease_ttl_ms);
+        let result = tracker.housekeeping(&*self.host, now_ms, self.config.vm_lease_ttl_ms);
         let events = tracker.take_events();
         let mut leader = false;
         match result {
@@ -512,7 +548,7 @@ impl Filter {
             .try_borrow_mut()
             .map_err(|_| "tracker busy".to_owned())?;
         let update = tracker
-            .apply_cluster(&HostStore, &hosts)
+            .apply_cluster(&*self.host, &hosts)
             .map_err(|e| e.to_string())?;
         load.apply_cluster(&tracker, &hosts);
         Ok(update)
@@ -569,7 +605,7 @@ impl Filter {
     /// Envoy cannot match fall back to its own policy: say so when it starts, when it changes,
     /// and once a minute while it lasts.
     fn warn_missing(&self, poll: &mut AdminPollState, missing: &[String]) {
-        let now_ms = host::now_ms().unwrap_or(0);
+        let now_ms = self.host.now_ms().unwrap_or(0);
         let changed = poll.missing_warned != missing;
         let due = now_ms
             >= poll
@@ -610,10 +646,11 @@ impl Filter {
 
 /// Only in the test build (`--features test-vm-crash`): a request carrying this header makes
 /// the VM trap right after routing it, so the end-to-end tests can kill a VM holding a count.
-#[cfg(feature = "test-vm-crash")]
+#[cfg(all(feature = "test-vm-crash", target_arch = "wasm32"))]
 const TEST_CRASH_HEADER: &str = "x-model-lb-test-crash";
 
 struct Request {
+    host: HostRef,
     context_id: u32,
     filter: Option<Rc<Filter>>,
     ticket: Option<Ticket>,
@@ -648,8 +685,9 @@ impl Request {
                 .as_ref()
                 .is_some_and(|load| load.response_reports)
             {
-                let _ =
-                    host::set_request_header(server_load::RESPONSE_REPORT_REQUEST_HEADER, "text");
+                let _ = self
+                    .host
+                    .set_request_header(server_load::RESPONSE_REPORT_REQUEST_HEADER, "text");
             }
         }
     }
@@ -664,7 +702,7 @@ impl Request {
         let scanner = self.scanner.as_mut()?;
         let wanted = chunk.min(scanner.budget());
         if wanted > 0 {
-            let Some(bytes) = host::request_body(0, wanted) else {
+            let Some(bytes) = self.host.request_body(0, wanted) else {
                 return Some(Err(prefix::NoKey::Truncated));
             };
             if let Scan::Done(result) = scanner.feed(&bytes) {
@@ -677,7 +715,8 @@ impl Request {
     /// Routes a held `PREFIX_AWARE` request by its key and lets the hold filter release it.
     fn release_held(&mut self, key: Result<prefix::Key, prefix::NoKey>) {
         let router = self.context_id;
-        let released = hold::release(router, || self.route_now(Some(key)));
+        let host = Rc::clone(&self.host);
+        let released = hold::release(&*host, router, || self.route_now(Some(key)));
         if !released {
             self.scanner = None;
             if let Some(filter) = &self.filter {
@@ -703,13 +742,15 @@ impl Request {
             return Outcome::Neutral;
         };
         // No upstream host at all: the request never got that far (e.g. a local reply).
-        let Some(upstream) = host::property(&["upstream", "address"]) else {
+        let Some(upstream) = self.host.property(&["upstream", "address"]) else {
             return Outcome::Neutral;
         };
         let listed_at = outcome::listed_at(&self.selection, ticket.endpoints(), &upstream);
         let passive = filter.config.passive.as_ref();
         let code = match passive {
-            Some(_) => host::property(&["response", "code"])
+            Some(_) => self
+                .host
+                .property(&["response", "code"])
                 .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
                 .map_or(0, i64::from_le_bytes),
             None => 0,
@@ -722,7 +763,8 @@ impl Request {
         };
         let verdict = passive.map(|policy| {
             outcome::judge(&finished, policy.max_blamed_body_bytes, || {
-                host::property(&["response", "code_details"])
+                self.host
+                    .property(&["response", "code_details"])
                     .and_then(|bytes| String::from_utf8(bytes).ok())
             })
         });
@@ -733,64 +775,63 @@ impl Request {
     }
 }
 
-impl Context for Request {}
-
-impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+/// The routing filter's stream callbacks; it never pauses a stream itself.
+impl Request {
+    fn on_request_headers(&mut self, end_of_stream: bool) {
         self.request_complete = end_of_stream;
         let Some(filter) = self.filter.clone() else {
-            return Action::Continue;
+            return;
         };
         if self.ticket.is_some() {
-            return Action::Continue;
+            return;
         }
         if let (Some(prefix_aware), false) = (filter.config.prefix_aware, end_of_stream) {
             // The hold filter after this one keeps the request until the body gives its key
             // (see `hold`). A client's copy of the routing header must not survive even if the
             // filter makes no decision; nor may a client's copy of the hold tag.
-            let _ = host::remove_request_header(&filter.config.endpoint_header);
-            let _ = host::set_request_header(hold::HOLD_HEADER, &self.context_id.to_string());
+            let _ = self
+                .host
+                .remove_request_header(&filter.config.endpoint_header);
+            let _ = self
+                .host
+                .set_request_header(hold::HOLD_HEADER, &self.context_id.to_string());
             hold::expect(self.context_id);
             self.scanner = Some(KeyScanner::new(prefix_aware.prefix_length));
-            return Action::Continue;
+            return;
         }
         let key = filter
             .config
             .prefix_aware
             .map(|_| Err(prefix::NoKey::NoBody));
         self.route_now(key);
-        #[cfg(feature = "test-vm-crash")]
-        if self.ticket.is_some() && self.get_http_request_header(TEST_CRASH_HEADER).is_some() {
+        #[cfg(all(feature = "test-vm-crash", target_arch = "wasm32"))]
+        if self.ticket.is_some() && self.host.request_header(TEST_CRASH_HEADER).is_some() {
             // Dies holding the count it just took: a VM crash, as the other VMs see it.
             core::arch::wasm32::unreachable();
         }
-        Action::Continue
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_response_headers(&mut self) {
         if let (Some(filter), Some(ticket)) = (&self.filter, &self.ticket) {
             filter.response_report(ticket);
         }
-        Action::Continue
     }
 
-    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+    fn on_request_body(&mut self, body_size: usize, end_of_stream: bool) {
         self.request_complete |= end_of_stream;
         // With Continue, Envoy hands over each chunk once: the sizes add up to the body.
         self.request_body_bytes = self.request_body_bytes.saturating_add(body_size as u64);
         if let Some(key) = self.scan(body_size, end_of_stream) {
             self.release_held(key);
         }
-        Action::Continue
     }
 
-    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+    fn on_request_trailers(&mut self) {
         self.request_complete = true;
         if let Some(scanner) = self.scanner.as_mut() {
             let key = scanner.finish();
             self.release_held(key);
         }
-        Action::Continue
     }
 
     fn on_log(&mut self) {

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use super::host;
+use super::host::{HostRef, MetricKind};
 use crate::config::Config;
 use crate::membership::Membership;
 use crate::prefix::{Key, KeySource, NoKey};
@@ -70,23 +70,34 @@ impl From<&TrackerError> for FailOpen {
 /// rather than failing the filter).
 type Metric = Option<u32>;
 
-fn counter(name: &str) -> Metric {
-    host::define_metric(host::METRIC_COUNTER, name).ok()
-}
+/// Envoy's metrics, as the host exposes them.
+struct Sink(HostRef);
 
-fn gauge(name: &str) -> Metric {
-    host::define_metric(host::METRIC_GAUGE, name).ok()
-}
-
-fn add(metric: Metric, delta: u64) {
-    if let (Some(id), true) = (metric, delta > 0) {
-        let _ = host::increment_metric(id, i64::try_from(delta).unwrap_or(i64::MAX));
+impl Sink {
+    fn define(&self, kind: MetricKind, name: &str) -> Metric {
+        self.0.define_metric(kind, name).ok()
     }
-}
 
-fn set(metric: Metric, value: u64) {
-    if let Some(id) = metric {
-        let _ = host::record_metric(id, value);
+    fn counter(&self, name: &str) -> Metric {
+        self.define(MetricKind::Counter, name)
+    }
+
+    fn gauge(&self, name: &str) -> Metric {
+        self.define(MetricKind::Gauge, name)
+    }
+
+    fn add(&self, metric: Metric, delta: u64) {
+        if let (Some(id), true) = (metric, delta > 0) {
+            let _ = self
+                .0
+                .increment_metric(id, i64::try_from(delta).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn set(&self, metric: Metric, value: u64) {
+        if let Some(id) = metric {
+            let _ = self.0.record_metric(id, value);
+        }
     }
 }
 
@@ -169,6 +180,7 @@ struct EventMetrics {
 }
 
 pub struct Stats {
+    sink: Sink,
     prefix: String,
     decisions: Metric,
     fail_open: [Metric; FailOpen::ALL.len()],
@@ -212,10 +224,13 @@ pub struct Stats {
 }
 
 impl Stats {
-    pub fn new(config: &Config, membership: &Rc<Membership>) -> Self {
+    pub fn new(host: HostRef, config: &Config, membership: &Rc<Membership>) -> Self {
+        let sink = Sink(host);
+        let counter = |name: &str| sink.counter(name);
+        let gauge = |name: &str| sink.gauge(name);
         // Which build runs: one gauge per version, always 1. Outside `model_lb.` so the pool
         // tag rule does not take "build_info" for a pool.
-        set(
+        sink.set(
             gauge(&format!(
                 "model_lb_build_info.{}",
                 crate::version_stat_segment()
@@ -282,6 +297,7 @@ impl Stats {
             response_reports_delta: 0,
             pending_published: 0,
             prefix,
+            sink,
         };
         stats.follow(membership);
         stats
@@ -295,10 +311,10 @@ impl Stats {
         }
         self.flush_routed();
         for old in &self.endpoints {
-            set(old.in_flight, 0);
-            set(old.eligible, 0);
-            set(old.estimated, 0);
-            set(old.load_stale, 0);
+            self.sink.set(old.in_flight, 0);
+            self.sink.set(old.eligible, 0);
+            self.sink.set(old.estimated, 0);
+            self.sink.set(old.load_stale, 0);
         }
         self.endpoints = membership
             .endpoints()
@@ -307,7 +323,7 @@ impl Stats {
             .collect();
         self.routed_delta = vec![0; membership.len()];
         self.endpoints_token = membership.token();
-        set(self.endpoint_count, membership.len() as u64);
+        self.sink.set(self.endpoint_count, membership.len() as u64);
     }
 
     /// The metrics of `address`, defined on first use.
@@ -327,23 +343,25 @@ impl Stats {
         }
         let with_load = self.server_load.is_some();
         let prefix = &self.prefix;
-        let optional = |on: bool, suffix: &str, define: fn(&str) -> Metric| {
+        let sink = &self.sink;
+        let optional = |on: bool, suffix: &str, kind: MetricKind| {
             if on {
-                define(&format!("{prefix}endpoint.{address}.{suffix}"))
+                sink.define(kind, &format!("{prefix}endpoint.{address}.{suffix}"))
             } else {
                 None
             }
         };
+        use MetricKind::{Counter, Gauge};
         let metrics = Rc::new(EndpointMetrics {
-            routed: counter(&format!("{prefix}endpoint.{address}.routed")),
-            in_flight: gauge(&format!("{prefix}endpoint.{address}.in_flight")),
-            eligible: gauge(&format!("{prefix}endpoint.{address}.eligible")),
-            estimated: optional(with_load, "estimated_in_flight", gauge),
-            weight: optional(self.weights, "weight", gauge),
-            batch_size: optional(with_load, "batch_size", gauge),
-            load_reports: optional(with_load, "load_reports", counter),
-            load_report_errors: optional(with_load, "load_report_errors", counter),
-            load_stale: optional(with_load, "load_stale", gauge),
+            routed: optional(true, "routed", Counter),
+            in_flight: optional(true, "in_flight", Gauge),
+            eligible: optional(true, "eligible", Gauge),
+            estimated: optional(with_load, "estimated_in_flight", Gauge),
+            weight: optional(self.weights, "weight", Gauge),
+            batch_size: optional(with_load, "batch_size", Gauge),
+            load_reports: optional(with_load, "load_reports", Counter),
+            load_report_errors: optional(with_load, "load_report_errors", Counter),
+            load_stale: optional(with_load, "load_stale", Gauge),
         });
         self.defined.insert(address.to_owned(), Rc::clone(&metrics));
         metrics
@@ -385,24 +403,27 @@ impl Stats {
     ) {
         self.follow(membership);
         for (e, metrics) in self.endpoints.iter().enumerate() {
-            set(metrics.in_flight, loads.get(e).map_or(0, |&l| u64::from(l)));
-            set(
+            self.sink
+                .set(metrics.in_flight, loads.get(e).map_or(0, |&l| u64::from(l)));
+            self.sink.set(
                 metrics.eligible,
                 eligible.get(e).map_or(0, |&ok| u64::from(ok)),
             );
             let estimate = estimates.get(e);
-            set(
+            self.sink.set(
                 metrics.estimated,
                 estimate.map_or(0, |x| u64::from(x.estimate)),
             );
-            set(metrics.weight, estimate.map_or(1, |x| u64::from(x.weight)));
-            set(
+            self.sink
+                .set(metrics.weight, estimate.map_or(1, |x| u64::from(x.weight)));
+            self.sink.set(
                 metrics.batch_size,
                 estimate.map_or(0, |x| u64::from(x.batch_size)),
             );
         }
-        set(self.in_flight, loads.iter().map(|&l| u64::from(l)).sum());
-        set(
+        self.sink
+            .set(self.in_flight, loads.iter().map(|&l| u64::from(l)).sum());
+        self.sink.set(
             self.eligible_count,
             eligible.iter().filter(|&&ok| ok).count() as u64,
         );
@@ -433,13 +454,13 @@ impl Stats {
     fn flush_prefix(&mut self) {
         let delta = std::mem::take(&mut self.prefix_delta);
         if let Some(m) = &self.prefix_routing {
-            add(m.routed, delta.routed);
-            add(m.spilled, delta.spilled);
+            self.sink.add(m.routed, delta.routed);
+            self.sink.add(m.spilled, delta.spilled);
             for (metric, n) in m.fallback.iter().zip(delta.fallback) {
-                add(*metric, n);
+                self.sink.add(*metric, n);
             }
-            add(m.raw_body_keys, delta.raw_body_keys);
-            add(m.body_bytes_read, delta.body_bytes_read);
+            self.sink.add(m.raw_body_keys, delta.raw_body_keys);
+            self.sink.add(m.body_bytes_read, delta.body_bytes_read);
         }
     }
 
@@ -468,14 +489,14 @@ impl Stats {
     ) {
         self.follow(membership);
         for (metrics, &ok) in self.endpoints.iter().zip(fresh) {
-            set(metrics.load_stale, u64::from(!ok));
+            self.sink.set(metrics.load_stale, u64::from(!ok));
         }
         if let Some(totals) = &self.server_load {
-            set(
+            self.sink.set(
                 totals.stale_endpoints,
                 fresh.iter().filter(|&&ok| !ok).count() as u64,
             );
-            set(totals.polls_per_second, polls_per_second);
+            self.sink.set(totals.polls_per_second, polls_per_second);
         }
     }
 
@@ -483,15 +504,15 @@ impl Stats {
         let mut sums = (0, 0);
         for (address, (ok, failed)) in std::mem::take(&mut self.report_delta) {
             let metrics = self.metrics_for(&address);
-            add(metrics.load_reports, ok);
-            add(metrics.load_report_errors, failed);
+            self.sink.add(metrics.load_reports, ok);
+            self.sink.add(metrics.load_report_errors, failed);
             sums.0 += ok;
             sums.1 += failed;
         }
         if let Some(totals) = &self.server_load {
-            add(totals.reports, sums.0);
-            add(totals.report_errors, sums.1);
-            add(
+            self.sink.add(totals.reports, sums.0);
+            self.sink.add(totals.report_errors, sums.1);
+            self.sink.add(
                 totals.response_reports,
                 std::mem::take(&mut self.response_reports_delta),
             );
@@ -502,33 +523,31 @@ impl Stats {
     /// report): both must stay flat over weeks of membership and configuration changes.
     pub fn footprint(&mut self, shared_bytes: Option<usize>) {
         if let Some(bytes) = shared_bytes {
-            set(self.shared_data_bytes, bytes as u64);
+            self.sink.set(self.shared_data_bytes, bytes as u64);
         }
-        #[cfg(target_arch = "wasm32")]
-        set(
-            self.vm_memory_bytes,
-            (core::arch::wasm32::memory_size(0) as u64) * 65_536,
-        );
+        if let Some(bytes) = self.sink.0.memory_bytes() {
+            self.sink.set(self.vm_memory_bytes, bytes);
+        }
     }
 
     pub fn endpoints_not_in_cluster(&mut self, count: usize) {
-        set(self.not_in_cluster, count as u64);
+        self.sink.set(self.not_in_cluster, count as u64);
     }
 
     pub fn admin_poll(&mut self, ok: bool) {
-        add(self.admin_polls, 1);
+        self.sink.add(self.admin_polls, 1);
         if !ok {
-            add(self.admin_poll_errors, 1);
+            self.sink.add(self.admin_poll_errors, 1);
         }
     }
 
     fn flush_routed(&mut self) {
         for (metrics, delta) in self.endpoints.iter().zip(&mut self.routed_delta) {
-            add(metrics.routed, std::mem::take(delta));
+            self.sink.add(metrics.routed, std::mem::take(delta));
         }
         for (address, count) in std::mem::take(&mut self.routed_carry) {
             let metrics = self.metrics_for(&address);
-            add(metrics.routed, count);
+            self.sink.add(metrics.routed, count);
         }
     }
 
@@ -540,35 +559,39 @@ impl Stats {
         pending_releases: usize,
     ) {
         self.follow(membership);
-        add(self.decisions, std::mem::take(&mut self.decisions_delta));
+        self.sink
+            .add(self.decisions, std::mem::take(&mut self.decisions_delta));
         let mut failed_open = 0;
         for (metric, delta) in self.fail_open.iter().zip(&mut self.fail_open_delta) {
             failed_open += *delta;
-            add(*metric, std::mem::take(delta));
+            self.sink.add(*metric, std::mem::take(delta));
         }
         self.flush_routed();
         self.flush_reports();
         self.flush_prefix();
         let unhonoured = std::mem::take(&mut self.unhonoured_delta);
-        add(self.unhonoured, unhonoured);
-        add(self.excused, std::mem::take(&mut self.excused_delta));
+        self.sink.add(self.unhonoured, unhonoured);
+        self.sink
+            .add(self.excused, std::mem::take(&mut self.excused_delta));
         let e = &self.events;
-        add(e.cas_conflicts, events.cas_conflicts);
-        add(e.corrections, events.corrections);
-        add(e.reclaimed_requests, events.reclaimed_requests);
-        add(e.reaped_vms, events.reaped_slots);
-        add(e.lost_slots, events.lost_slots);
-        add(e.deferred_releases, events.deferred_releases);
-        add(e.dropped_releases, events.dropped_releases);
-        add(e.stale_releases, events.stale_releases);
-        add(e.membership_changes, events.membership_changes);
-        add(e.pruned_endpoints, events.pruned_endpoints);
-        add(e.ejections, events.ejections.len() as u64);
-        add(e.ejections_capped, events.capped_ejections);
+        self.sink.add(e.cas_conflicts, events.cas_conflicts);
+        self.sink.add(e.corrections, events.corrections);
+        self.sink
+            .add(e.reclaimed_requests, events.reclaimed_requests);
+        self.sink.add(e.reaped_vms, events.reaped_slots);
+        self.sink.add(e.lost_slots, events.lost_slots);
+        self.sink.add(e.deferred_releases, events.deferred_releases);
+        self.sink.add(e.dropped_releases, events.dropped_releases);
+        self.sink.add(e.stale_releases, events.stale_releases);
+        self.sink
+            .add(e.membership_changes, events.membership_changes);
+        self.sink.add(e.pruned_endpoints, events.pruned_endpoints);
+        self.sink.add(e.ejections, events.ejections.len() as u64);
+        self.sink.add(e.ejections_capped, events.capped_ejections);
         let pending = pending_releases as u64;
         if let Some(id) = self.pending_releases {
             let delta = pending as i64 - self.pending_published as i64;
-            if delta != 0 && host::increment_metric(id, delta).is_ok() {
+            if delta != 0 && self.sink.0.increment_metric(id, delta).is_ok() {
                 self.pending_published = pending;
             }
         }
