@@ -21,6 +21,9 @@ pub struct HostStatus {
     pub removed: bool,
     /// The endpoint's `load_balancing_weight` (1 when Envoy shows none).
     pub weight: u32,
+    /// Unhealthy only because Envoy has not health checked it yet: a host Envoy just started
+    /// with or EDS just added. Worth another look soon, and not worth a warning.
+    pub awaiting_first_check: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,6 +220,8 @@ struct HealthJson {
     #[serde(default)]
     pending_dynamic_removal: bool,
     #[serde(default)]
+    pending_active_hc: bool,
+    #[serde(default)]
     eds_health_status: Option<String>,
 }
 
@@ -243,11 +248,17 @@ impl HostJson {
         let weight = self
             .weight
             .map_or(1, |w| u32::try_from(w).unwrap_or(u32::MAX).max(1));
+        let awaiting_first_check = health.pending_active_hc
+            && health.failed_active_health_check
+            && !health.failed_outlier_check
+            && !health.failed_eds_health
+            && !eds_unhealthy;
         Some(HostStatus {
             address,
             healthy: !flagged && !eds_unhealthy,
             removed: health.pending_dynamic_removal,
             weight,
+            awaiting_first_check,
         })
     }
 }
@@ -270,6 +281,8 @@ mod tests {
          "health_status":{"eds_health_status":"HEALTHY","pending_active_hc":true}},
         {"address":{"socket_address":{"address":"127.0.0.1","port_value":8005}},
          "health_status":{"eds_health_status":"HEALTHY","pending_dynamic_removal":true}},
+        {"address":{"socket_address":{"address":"127.0.0.1","port_value":8006}},
+         "health_status":{"failed_active_health_check":true,"pending_active_hc":true,"eds_health_status":"HEALTHY"}},
         {"address":{"pipe":{"path":"/tmp/sock"}}}
       ]}]}"#;
 
@@ -297,8 +310,17 @@ mod tests {
                 ("[fd00::1]:9000", false),
                 // Not yet health checked: Envoy itself still routes to it.
                 ("127.0.0.1:8004", true),
+                // Marked failed until its first check, as Envoy marks every host it starts with
+                // or EDS adds: unhealthy for now, but only awaiting that check.
+                ("127.0.0.1:8006", false),
             ]
         );
+        let awaiting: Vec<&str> = hosts
+            .iter()
+            .filter(|h| h.awaiting_first_check)
+            .map(|h| h.address.as_str())
+            .collect();
+        assert_eq!(awaiting, vec!["127.0.0.1:8006"], "8003 failed a real check");
     }
 
     #[test]

@@ -202,6 +202,8 @@ pub struct ClusterUpdate {
     pub health: Vec<(String, bool)>,
     /// Configured endpoints that the watched cluster does not have (never routed to).
     pub missing: Vec<String>,
+    /// Endpoints Envoy has not health checked yet (unhealthy until it has).
+    pub awaiting_first_check: Vec<String>,
 }
 
 impl ClusterUpdate {
@@ -965,6 +967,9 @@ impl PoolTracker {
                     update.missing.push(address.clone());
                 }
                 let healthy = reported.is_some_and(|h| h.healthy);
+                if reported.is_some_and(|h| h.awaiting_first_check) {
+                    update.awaiting_first_check.push(address.clone());
+                }
                 let mut health = table.health(e);
                 if health.active_unhealthy == healthy {
                     health.active_unhealthy = !healthy;

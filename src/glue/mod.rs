@@ -572,14 +572,31 @@ impl Filter {
                         update.removed.join(", ")
                     );
                 }
+                let mut first_checks = Vec::new();
                 for (address, healthy) in &update.health {
                     if *healthy {
                         log::info!("model-lb: pool \"{cluster}\": {address} is healthy again; routing to it");
+                    } else if update.awaiting_first_check.contains(address) {
+                        first_checks.push(address.as_str());
                     } else if !update.missing.contains(address) {
                         log::warn!(
                             "model-lb: pool \"{cluster}\": Envoy reports {address} unhealthy; not routing to it"
                         );
                     }
+                }
+                if !first_checks.is_empty() {
+                    log::info!(
+                        "model-lb: pool \"{cluster}\": waiting for Envoy's first health check of \
+                         [{}] before routing to them",
+                        first_checks.join(", ")
+                    );
+                }
+                // While Envoy's view moves (hosts it has not checked yet, members coming or going,
+                // verdicts flipping: right after start, all of them), look again on the next tick
+                // rather than a poll interval later, or the pool stays smaller (or empty, failing
+                // open) for longer than Envoy's own view. A quiet answer restores the interval.
+                if !update.is_empty() || !update.awaiting_first_check.is_empty() {
+                    poll.next_due_ms = 0;
                 }
                 if let Ok(mut stats) = self.stats.try_borrow_mut() {
                     stats.endpoints_not_in_cluster(update.missing.len());

@@ -533,3 +533,71 @@ fn server_load_polls_each_endpoint_through_the_pool_and_avoids_a_queue() {
     vm.tick_after(1_000);
     assert_eq!(metric(&envoy, "server_load.reports"), 3);
 }
+
+#[test]
+fn while_envoys_view_moves_the_admin_poll_looks_again_on_the_next_tick() {
+    logs::start();
+    let envoy = FakeEnvoy::new();
+    let mut vm = Vm::start(
+        &envoy,
+        r#"{"pool": "p", "endpoints": ["10.1.0.1:80", "10.1.0.2:80"], "admin_cluster": "admin", "envoy_cluster": "models"}"#,
+    );
+    let answer = |vm: &mut Vm, first: &str, second: &str| {
+        let token = vm
+            .host
+            .callouts
+            .borrow()
+            .last()
+            .map(|c| c.token)
+            .expect("a poll");
+        let body = format!(
+            r#"{{"cluster_statuses":[{{"name":"models","host_statuses":[
+                {{"address":{{"socket_address":{{"address":"10.1.0.1","port_value":80}}}},"health_status":{first}}},
+                {{"address":{{"socket_address":{{"address":"10.1.0.2","port_value":80}}}},"health_status":{second}}}]}}]}}"#
+        );
+        let len = body.len();
+        *vm.host.answer.borrow_mut() = (Some(200), body.into_bytes());
+        vm.root.on_http_call_response(token, len);
+    };
+    let polls = |vm: &Vm| vm.host.callouts.borrow().len();
+    const HEALTHY: &str = r#"{"eds_health_status":"HEALTHY"}"#;
+    vm.tick_after(0);
+    // Right after start Envoy shows every host failed until its first check (Envoy 1.40 without
+    // pending_active_hc for the hosts it starts with; with it for some).
+    answer(
+        &mut vm,
+        r#"{"failed_active_health_check":true,"pending_active_hc":true,"eds_health_status":"HEALTHY"}"#,
+        r#"{"failed_active_health_check":true,"eds_health_status":"HEALTHY"}"#,
+    );
+    let (_failed_open, header) = vm.route(&[]);
+    assert_eq!(header, None, "no endpoint is eligible yet");
+    // The next tick polls again, a whole poll interval (2 s) early...
+    vm.tick_after(1_000);
+    assert_eq!(polls(&vm), 2);
+    answer(&mut vm, HEALTHY, HEALTHY);
+    let (_routed, header) = vm.route(&[]);
+    assert!(header.is_some());
+    // ...and so does the one after a change back; a quiet answer restores the interval.
+    vm.tick_after(1_000);
+    assert_eq!(polls(&vm), 3);
+    answer(&mut vm, HEALTHY, HEALTHY);
+    vm.tick_after(1_000);
+    assert_eq!(polls(&vm), 3);
+    vm.tick_after(1_000);
+    assert_eq!(polls(&vm), 4);
+    // A host marked as awaiting its first check is said to be so, not reported unhealthy.
+    let infos = logs::at(log::Level::Info);
+    assert!(
+        infos
+            .iter()
+            .any(|l| l.contains("waiting for Envoy's first health check of [10.1.0.1:80]")),
+        "{infos:?}"
+    );
+    let warnings = logs::at(log::Level::Warn);
+    let unhealthy: Vec<&String> = warnings
+        .iter()
+        .filter(|w| w.contains("unhealthy"))
+        .collect();
+    assert_eq!(unhealthy.len(), 1, "{warnings:?}");
+    assert!(unhealthy[0].contains("10.1.0.2:80"), "{warnings:?}");
+}

@@ -173,6 +173,7 @@ fn no_eligible_endpoint_fails_open_without_counting() {
             healthy: false,
             removed: false,
             weight: 1,
+            awaiting_first_check: false,
         })
         .collect();
     t.apply_cluster(&store, &down).unwrap();
@@ -620,6 +621,7 @@ fn host(address: &str, healthy: bool) -> HostStatus {
         healthy,
         removed: false,
         weight: 1,
+        awaiting_first_check: false,
     }
 }
 
