@@ -59,6 +59,46 @@ impl Vm {
         self.root.on_tick();
     }
 
+    /// Delivers the answer to callout `token`, as Envoy does on the root context.
+    fn answer(&mut self, token: u32, status: Option<u16>, body: &str) {
+        *self.host.answer.borrow_mut() = (status, body.as_bytes().to_vec());
+        self.root.on_http_call_response(token, body.len());
+    }
+
+    /// Answers the latest admin poll with the `models` cluster's hosts: (ip, health_status JSON).
+    fn answer_admin_poll(&mut self, hosts: &[(&str, &str)]) {
+        let token = self.last_callout().token;
+        let statuses: Vec<String> = hosts
+            .iter()
+            .map(|(ip, health)| {
+                format!(
+                    r#"{{"address":{{"socket_address":{{"address":"{ip}","port_value":80}}}},"health_status":{health}}}"#
+                )
+            })
+            .collect();
+        let body = format!(
+            r#"{{"cluster_statuses":[{{"name":"other","host_statuses":[]}},{{"name":"models","host_statuses":[{}]}}]}}"#,
+            statuses.join(",")
+        );
+        self.answer(token, Some(200), &body);
+    }
+
+    fn last_callout(&self) -> super::fake::Callout {
+        self.host
+            .callouts
+            .borrow()
+            .last()
+            .cloned()
+            .expect("a callout")
+    }
+
+    /// Ticks and checks that nothing is counted and nothing was ever clamped.
+    fn assert_nothing_in_flight(&mut self) {
+        self.tick_after(1_000);
+        assert_eq!(metric(&self.host.envoy, "in_flight"), 0);
+        assert_eq!(metric(&self.host.envoy, "counter_corrections"), 0);
+    }
+
     /// Ends a request as Envoy does: `on_log` with the upstream's answer, then the context goes.
     fn finish(&self, mut request: Request, upstream: &str, code: i64, details: &str) {
         self.host.enter(request.context_id);
@@ -74,6 +114,8 @@ impl Vm {
         drop(request);
     }
 }
+
+const HEALTHY: &str = r#"{"eds_health_status":"HEALTHY"}"#;
 
 fn lor(extra: &str) -> String {
     format!(
@@ -143,13 +185,10 @@ fn a_header_that_cannot_be_written_fails_open_without_holding_a_count() {
         header, None,
         "the client's copy must go even when failing open"
     );
-    vm.tick_after(1_000);
+    vm.assert_nothing_in_flight();
     assert_eq!(metric(&envoy, "fail_open.header_write"), 1);
-    assert_eq!(metric(&envoy, "in_flight"), 0);
     drop(request);
-    vm.tick_after(1_000);
-    assert_eq!(metric(&envoy, "in_flight"), 0);
-    assert_eq!(metric(&envoy, "counter_corrections"), 0);
+    vm.assert_nothing_in_flight();
 }
 
 #[test]
@@ -184,9 +223,7 @@ fn every_routed_request_is_released_exactly_once_whichever_callback_ends_it() {
     assert_eq!(metric(&envoy, "in_flight"), 2, "{upstream}");
     drop(twice);
     drop(requests);
-    vm.tick_after(1_000);
-    assert_eq!(metric(&envoy, "in_flight"), 0);
-    assert_eq!(metric(&envoy, "counter_corrections"), 0);
+    vm.assert_nothing_in_flight();
     assert_eq!(metric(&envoy, "decisions.least_outstanding_requests"), 9);
 }
 
@@ -432,26 +469,12 @@ fn the_admin_poll_makes_membership_follow_envoys_cluster() {
         r#"{"pool": "p", "admin_cluster": "admin", "envoy_cluster": "models", "follow_membership": true}"#,
     );
     vm.tick_after(0);
-    let callout = vm
-        .host
-        .callouts
-        .borrow()
-        .last()
-        .cloned()
-        .expect("an admin poll");
+    let callout = vm.last_callout();
     assert_eq!(callout.cluster, "admin");
     assert!(callout
         .headers
         .contains(&(":path".to_owned(), "/clusters?format=json".to_owned())));
-    *vm.host.answer.borrow_mut() = (
-        Some(200),
-        br#"{"cluster_statuses":[{"name":"models","host_statuses":[
-            {"address":{"socket_address":{"address":"10.1.0.1","port_value":80}},"health_status":{"eds_health_status":"HEALTHY"}},
-            {"address":{"socket_address":{"address":"10.1.0.2","port_value":80}},"health_status":{"eds_health_status":"HEALTHY"}}]}]}"#
-            .to_vec(),
-    );
-    vm.root
-        .on_http_call_response(callout.token, vm.host.answer.borrow().1.len());
+    vm.answer_admin_poll(&[("10.1.0.1", HEALTHY), ("10.1.0.2", HEALTHY)]);
     let (_a, one) = vm.route(&[]);
     let (_b, two) = vm.route(&[]);
     let mut routed = vec![first(&one), first(&two)];
@@ -467,15 +490,8 @@ fn the_admin_poll_makes_membership_follow_envoys_cluster() {
     // A failing admin API keeps the last known members and says so once.
     for _ in 0..3 {
         vm.tick_after(2_000);
-        let token = vm
-            .host
-            .callouts
-            .borrow()
-            .last()
-            .map(|c| c.token)
-            .expect("a poll");
-        *vm.host.answer.borrow_mut() = (Some(503), Vec::new());
-        vm.root.on_http_call_response(token, 0);
+        let token = vm.last_callout().token;
+        vm.answer(token, Some(503), "");
     }
     let failures: Vec<String> = logs::at(log::Level::Warn)
         .into_iter()
@@ -517,9 +533,7 @@ fn server_load_polls_each_endpoint_through_the_pool_and_avoids_a_queue() {
             .1;
         let waiting = if address == ENDPOINTS[0] { 4 } else { 0 };
         let body = format!("vllm:num_requests_running 8\nvllm:num_requests_waiting {waiting}\n");
-        let len = body.len();
-        *vm.host.answer.borrow_mut() = (Some(200), body.into_bytes());
-        vm.root.on_http_call_response(callout.token, len);
+        vm.answer(callout.token, Some(200), &body);
     }
     vm.tick_after(100);
     for _ in 0..4 {
@@ -542,45 +556,32 @@ fn while_envoys_view_moves_the_admin_poll_looks_again_on_the_next_tick() {
         &envoy,
         r#"{"pool": "p", "endpoints": ["10.1.0.1:80", "10.1.0.2:80"], "admin_cluster": "admin", "envoy_cluster": "models"}"#,
     );
-    let answer = |vm: &mut Vm, first: &str, second: &str| {
-        let token = vm
-            .host
-            .callouts
-            .borrow()
-            .last()
-            .map(|c| c.token)
-            .expect("a poll");
-        let body = format!(
-            r#"{{"cluster_statuses":[{{"name":"models","host_statuses":[
-                {{"address":{{"socket_address":{{"address":"10.1.0.1","port_value":80}}}},"health_status":{first}}},
-                {{"address":{{"socket_address":{{"address":"10.1.0.2","port_value":80}}}},"health_status":{second}}}]}}]}}"#
-        );
-        let len = body.len();
-        *vm.host.answer.borrow_mut() = (Some(200), body.into_bytes());
-        vm.root.on_http_call_response(token, len);
-    };
     let polls = |vm: &Vm| vm.host.callouts.borrow().len();
-    const HEALTHY: &str = r#"{"eds_health_status":"HEALTHY"}"#;
     vm.tick_after(0);
     // Right after start Envoy shows every host failed until its first check (Envoy 1.40 without
     // pending_active_hc for the hosts it starts with; with it for some).
-    answer(
-        &mut vm,
-        r#"{"failed_active_health_check":true,"pending_active_hc":true,"eds_health_status":"HEALTHY"}"#,
-        r#"{"failed_active_health_check":true,"eds_health_status":"HEALTHY"}"#,
-    );
+    vm.answer_admin_poll(&[
+        (
+            "10.1.0.1",
+            r#"{"failed_active_health_check":true,"pending_active_hc":true,"eds_health_status":"HEALTHY"}"#,
+        ),
+        (
+            "10.1.0.2",
+            r#"{"failed_active_health_check":true,"eds_health_status":"HEALTHY"}"#,
+        ),
+    ]);
     let (_failed_open, header) = vm.route(&[]);
     assert_eq!(header, None, "no endpoint is eligible yet");
     // The next tick polls again, a whole poll interval (2 s) early...
     vm.tick_after(1_000);
     assert_eq!(polls(&vm), 2);
-    answer(&mut vm, HEALTHY, HEALTHY);
+    vm.answer_admin_poll(&[("10.1.0.1", HEALTHY), ("10.1.0.2", HEALTHY)]);
     let (_routed, header) = vm.route(&[]);
     assert!(header.is_some());
     // ...and so does the one after a change back; a quiet answer restores the interval.
     vm.tick_after(1_000);
     assert_eq!(polls(&vm), 3);
-    answer(&mut vm, HEALTHY, HEALTHY);
+    vm.answer_admin_poll(&[("10.1.0.1", HEALTHY), ("10.1.0.2", HEALTHY)]);
     vm.tick_after(1_000);
     assert_eq!(polls(&vm), 3);
     vm.tick_after(1_000);
