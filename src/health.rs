@@ -1,12 +1,9 @@
 //! Per-endpoint health, kept in the shared table next to the counts so every worker sees it with
-//! the read it already makes. Two sources: Envoy's own view (active health checks, outlier
+//! the read it already makes (sparsely: only endpoints whose health is not the default). Two sources: Envoy's own view (active health checks, outlier
 //! detection, EDS status) polled from the admin API, and passive observation of request outcomes
 //! with an ejection that backs off. The latter matters for least-outstanding-requests: a backend
 //! that fails fast finishes its requests quickly, looks idle, and would otherwise attract traffic.
 
-/// Bytes one endpoint's health takes in the table.
-pub const HEALTH_LEN: usize = 16;
-const ACTIVE_UNHEALTHY: u8 = 1;
 /// Consecutive ejections are remembered up to this many doublings of the ejection time.
 const MAX_EJECTIONS: u8 = 16;
 
@@ -77,26 +74,6 @@ impl Health {
         !self.active_unhealthy && self.ejected_until_ms <= now_ms
     }
 
-    pub fn encode(&self, out: &mut [u8]) {
-        out[0] = u8::from(self.active_unhealthy) * ACTIVE_UNHEALTHY;
-        out[1] = self.ejections;
-        out[2..4].copy_from_slice(&self.failures.to_le_bytes());
-        out[4..8].copy_from_slice(&self.wanted_at_s.to_le_bytes());
-        out[8..16].copy_from_slice(&self.ejected_until_ms.to_le_bytes());
-    }
-
-    pub fn decode(bytes: &[u8]) -> Self {
-        let mut until = [0u8; 8];
-        until.copy_from_slice(&bytes[8..16]);
-        Self {
-            active_unhealthy: bytes[0] & ACTIVE_UNHEALTHY != 0,
-            ejections: bytes[1],
-            failures: u16::from_le_bytes([bytes[2], bytes[3]]),
-            ejected_until_ms: u64::from_le_bytes(until),
-            wanted_at_s: u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]),
-        }
-    }
-
     /// Folds one request's outcome into the endpoint's passive health. `may_eject` is false
     /// while the pool is at its ejection cap.
     pub fn record(
@@ -159,21 +136,6 @@ mod tests {
         max_blamed_body_bytes: 65_536,
         max_ejection_percent: 10,
     };
-
-    #[test]
-    fn round_trips_through_bytes() {
-        let health = Health {
-            active_unhealthy: true,
-            ejections: 3,
-            failures: 513,
-            ejected_until_ms: 0x0102_0304_0506_0708,
-            wanted_at_s: 1_764_000_000,
-        };
-        let mut bytes = [0xAAu8; HEALTH_LEN];
-        health.encode(&mut bytes);
-        assert_eq!(Health::decode(&bytes), health);
-        assert_eq!(Health::decode(&[0; HEALTH_LEN]), Health::default());
-    }
 
     #[test]
     fn ejects_after_consecutive_failures_and_a_success_resets_the_streak() {

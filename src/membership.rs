@@ -220,8 +220,8 @@ mod tests {
         let m = pool(&["10.0.0.1:80", "[fd00::1]:81"]);
         assert_eq!(Membership::decode(9, &m.encode()).unwrap(), m);
         assert_eq!(
-            Membership::log_key("model_lb.v2.c."),
-            "model_lb.v2.c.members"
+            Membership::log_key("model_lb.v3.c."),
+            "model_lb.v3.c.members"
         );
     }
 

@@ -10,35 +10,44 @@
 //!
 //! Holdings are sparse: one entry per (slot, endpoint) with requests in flight, not a row per
 //! slot. The value every request copies therefore grows with the endpoints and the requests in
-//! flight, not with endpoints x workers: 1,024 endpoints and 32 workers took 150 KB as rows and
-//! take about 21 KB plus 8 bytes per busy (slot, endpoint) now.
+//! flight, not with endpoints x workers: 1,024 endpoints and 32 workers took 150 KB as rows.
+//! Health is sparse too: only endpoints whose health is not the default (failures counted,
+//! ejected, or unhealthy in Envoy's view) have a condition entry, so a healthy pool of 1,024
+//! endpoints takes about 8 KB (21 KB with a health record per endpoint), plus 8 bytes per busy
+//! (slot, endpoint). Every request copies this value in and out of shared data, and a lost
+//! compare-and-swap copies it again: its size is most of what a request costs at 1,024 endpoints.
 //!
 //! Layout (little endian):
 //! ```text
-//! 0   magic "MLB2"
+//! 0   magic "MLB3"
 //! 4   endpoint count   u16
 //! 6   slot count       u16
 //! 8   membership token u64   names the key holding the endpoint addresses
 //! 16  leader owner     u64   0 = none; the leader reaps slots and publishes gauges
 //! 24  leader expiry    u64   ms since the epoch
 //! 32  holding count    u32
-//! 36  reserved         u32
+//! 36  condition count  u32
 //! 40  slots            slot count × (owner u64, heartbeat ms u64); owner 0 = free
 //! ..  totals           endpoint count × u32
-//! ..  health           endpoint count × 16 bytes (see `health::Health`)
+//! ..  wanted at        endpoint count × u32   seconds since the epoch (`Health::wanted_at_s`)
+//! ..  conditions       condition count × (endpoint u16, flags u8, ejections u8, failures u16,
+//!                      reserved u16, ejected until ms u64), sorted by endpoint, never default
 //! ..  holdings         holding count × (slot u16, endpoint u16, count u32), sorted, count > 0
 //! ```
 
 use std::fmt;
 
-use crate::health::{Health, HEALTH_LEN};
+use crate::health::Health;
 use crate::select::Loads;
 
-const MAGIC: &[u8; 4] = b"MLB2";
+const MAGIC: &[u8; 4] = b"MLB3";
 const HEADER_LEN: usize = 40;
 const SLOT_LEN: usize = 16;
 const COUNT_LEN: usize = 4;
+const WANTED_LEN: usize = 4;
+const CONDITION_LEN: usize = 16;
 const HOLDING_LEN: usize = 8;
+const ACTIVE_UNHEALTHY: u8 = 1;
 /// Envoy runs one VM per worker thread plus one on the main thread, and a listener update adds
 /// a VM per worker until the old one drains; free slots are reused and trailing ones dropped.
 pub const MAX_SLOTS: usize = 1_024;
@@ -83,12 +92,13 @@ pub struct Table {
     bytes: Vec<u8>,
     endpoints: usize,
     slots: usize,
+    conditions: usize,
     holdings: usize,
 }
 
 impl Table {
     pub fn new(membership_token: u64, endpoints: usize) -> Self {
-        let mut bytes = vec![0u8; Self::size(endpoints, 0, 0)];
+        let mut bytes = vec![0u8; Self::size(endpoints, 0, 0, 0)];
         bytes[..4].copy_from_slice(MAGIC);
         bytes[4..6].copy_from_slice(&(endpoints as u16).to_le_bytes());
         bytes[8..16].copy_from_slice(&membership_token.to_le_bytes());
@@ -96,6 +106,7 @@ impl Table {
             bytes,
             endpoints,
             slots: 0,
+            conditions: 0,
             holdings: 0,
         }
     }
@@ -107,25 +118,45 @@ impl Table {
         let endpoints = usize::from(u16::from_le_bytes([bytes[4], bytes[5]]));
         let slots = usize::from(u16::from_le_bytes([bytes[6], bytes[7]]));
         let holdings = u32::from_le_bytes([bytes[32], bytes[33], bytes[34], bytes[35]]) as usize;
+        let conditions = u32::from_le_bytes([bytes[36], bytes[37], bytes[38], bytes[39]]) as usize;
         if slots > MAX_SLOTS {
             return Err(TableError::Malformed("too many slots"));
         }
-        if bytes.len() != Self::size(endpoints, slots, holdings) {
+        if conditions > endpoints {
+            return Err(TableError::Malformed("more conditions than endpoints"));
+        }
+        if Some(bytes.len()) != Self::checked_size(endpoints, slots, conditions, holdings) {
             return Err(TableError::Malformed("length does not match counts"));
         }
         Ok(Self {
             bytes,
             endpoints,
             slots,
+            conditions,
             holdings,
         })
     }
 
-    fn size(endpoints: usize, slots: usize, holdings: usize) -> usize {
+    fn size(endpoints: usize, slots: usize, conditions: usize, holdings: usize) -> usize {
         HEADER_LEN
             + slots * SLOT_LEN
-            + endpoints * (COUNT_LEN + HEALTH_LEN)
+            + endpoints * (COUNT_LEN + WANTED_LEN)
+            + conditions * CONDITION_LEN
             + holdings * HOLDING_LEN
+    }
+
+    /// [`Self::size`] for counts read from untrusted bytes (a 32-bit target could overflow).
+    fn checked_size(
+        endpoints: usize,
+        slots: usize,
+        conditions: usize,
+        holdings: usize,
+    ) -> Option<usize> {
+        HEADER_LEN
+            .checked_add(slots.checked_mul(SLOT_LEN)?)?
+            .checked_add(endpoints.checked_mul(COUNT_LEN + WANTED_LEN)?)?
+            .checked_add(conditions.checked_mul(CONDITION_LEN)?)?
+            .checked_add(holdings.checked_mul(HOLDING_LEN)?)
     }
 
     pub fn as_bytes(&self) -> &[u8] {
@@ -171,19 +202,99 @@ impl Table {
     }
 
     pub fn health(&self, endpoint: usize) -> Health {
-        let at = self.health_offset(endpoint);
-        Health::decode(&self.bytes[at..at + HEALTH_LEN])
+        let mut health = Health {
+            wanted_at_s: self.read_u32(self.wanted_offset() + endpoint * WANTED_LEN),
+            ..Health::default()
+        };
+        if let Ok(i) = self.find_condition(endpoint) {
+            let at = self.conditions_offset() + i * CONDITION_LEN;
+            health.active_unhealthy = self.bytes[at + 2] & ACTIVE_UNHEALTHY != 0;
+            health.ejections = self.bytes[at + 3];
+            health.failures = u16::from_le_bytes([self.bytes[at + 4], self.bytes[at + 5]]);
+            health.ejected_until_ms = self.read_u64(at + 8);
+        }
+        health
     }
 
-    /// `Health::eligible` without decoding the whole record: this runs per endpoint per request.
+    /// `Health::eligible` without building the whole record: this runs per endpoint per request,
+    /// and in a healthy pool finds no condition at all.
     pub fn eligible(&self, endpoint: usize, now_ms: u64) -> bool {
-        let at = self.health_offset(endpoint);
-        self.bytes[at] == 0 && self.read_u64(at + 8) <= now_ms
+        if self.conditions == 0 {
+            return true;
+        }
+        match self.find_condition(endpoint) {
+            Ok(i) => {
+                let at = self.conditions_offset() + i * CONDITION_LEN;
+                self.bytes[at + 2] & ACTIVE_UNHEALTHY == 0 && self.read_u64(at + 8) <= now_ms
+            }
+            Err(_) => true,
+        }
     }
 
     pub fn set_health(&mut self, endpoint: usize, health: &Health) {
-        let at = self.health_offset(endpoint);
-        health.encode(&mut self.bytes[at..at + HEALTH_LEN]);
+        self.write_u32(
+            self.wanted_offset() + endpoint * WANTED_LEN,
+            health.wanted_at_s,
+        );
+        let condition = Health {
+            wanted_at_s: 0,
+            ..*health
+        };
+        let found = self.find_condition(endpoint);
+        if condition == Health::default() {
+            if let Ok(i) = found {
+                let at = self.conditions_offset() + i * CONDITION_LEN;
+                self.bytes.drain(at..at + CONDITION_LEN);
+                self.conditions -= 1;
+                self.write_condition_count();
+            }
+            return;
+        }
+        let mut entry = [0u8; CONDITION_LEN];
+        entry[..2].copy_from_slice(&(endpoint as u16).to_le_bytes());
+        entry[2] = u8::from(health.active_unhealthy) * ACTIVE_UNHEALTHY;
+        entry[3] = health.ejections;
+        entry[4..6].copy_from_slice(&health.failures.to_le_bytes());
+        entry[8..].copy_from_slice(&health.ejected_until_ms.to_le_bytes());
+        match found {
+            Ok(i) => {
+                let at = self.conditions_offset() + i * CONDITION_LEN;
+                self.bytes[at..at + CONDITION_LEN].copy_from_slice(&entry);
+            }
+            Err(i) => {
+                let at = self.conditions_offset() + i * CONDITION_LEN;
+                self.bytes.splice(at..at, entry);
+                self.conditions += 1;
+                self.write_condition_count();
+            }
+        }
+    }
+
+    /// Endpoints with a condition (not the default health): failing, ejected or unhealthy.
+    pub fn condition_count(&self) -> usize {
+        self.conditions
+    }
+
+    /// The index of `endpoint`'s condition among the sorted conditions, or where it would go.
+    fn find_condition(&self, endpoint: usize) -> Result<usize, usize> {
+        let base = self.conditions_offset();
+        let (mut low, mut high) = (0, self.conditions);
+        while low < high {
+            let mid = (low + high) / 2;
+            let at = base + mid * CONDITION_LEN;
+            let e = usize::from(u16::from_le_bytes([self.bytes[at], self.bytes[at + 1]]));
+            match e.cmp(&endpoint) {
+                std::cmp::Ordering::Less => low = mid + 1,
+                std::cmp::Ordering::Greater => high = mid,
+                std::cmp::Ordering::Equal => return Ok(mid),
+            }
+        }
+        Err(low)
+    }
+
+    fn write_condition_count(&mut self) {
+        let count = self.conditions as u32;
+        self.write_u32(36, count);
     }
 
     pub fn slot_owner(&self, slot: usize) -> u64 {
@@ -364,12 +475,16 @@ impl Table {
         HEADER_LEN + self.slots * SLOT_LEN
     }
 
-    fn health_offset(&self, endpoint: usize) -> usize {
-        self.totals_offset() + self.endpoints * COUNT_LEN + endpoint * HEALTH_LEN
+    fn wanted_offset(&self) -> usize {
+        self.totals_offset() + self.endpoints * COUNT_LEN
+    }
+
+    fn conditions_offset(&self) -> usize {
+        self.wanted_offset() + self.endpoints * WANTED_LEN
     }
 
     fn holdings_offset(&self) -> usize {
-        self.totals_offset() + self.endpoints * (COUNT_LEN + HEALTH_LEN)
+        self.conditions_offset() + self.conditions * CONDITION_LEN
     }
 
     fn holding(&self, i: usize) -> (usize, usize, u32) {
@@ -484,6 +599,10 @@ mod tests {
 
     #[test]
     fn malformed_bytes_are_rejected_not_misread() {
+        let mut too_many_conditions = Table::new(1, 2).as_bytes().to_vec();
+        too_many_conditions[36] = 3;
+        too_many_conditions.extend_from_slice(&[0; 3 * CONDITION_LEN]);
+        assert!(Table::parse(too_many_conditions).is_err());
         assert!(Table::parse(vec![]).is_err());
         assert!(Table::parse(b"MLB0aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".to_vec()).is_err());
         let mut bytes = Table::new(1, 4).as_bytes().to_vec();
@@ -577,7 +696,9 @@ mod tests {
         let mut table = Table::new(1, 1_024);
         let slots: Vec<usize> = (1..=32).map(|o| table.claim_slot(o, 0).unwrap()).collect();
         let idle = table.as_bytes().len();
-        assert!(idle < 22_000, "{idle} bytes idle");
+        // 8 bytes per endpoint (total, wanted-at) and 16 per slot: 8.7 KB, against 21.5 KB with
+        // a health record per endpoint.
+        assert_eq!(idle, HEADER_LEN + 32 * SLOT_LEN + 1_024 * 8);
         for (i, &slot) in slots.iter().enumerate() {
             for k in 0..10 {
                 table.increment(slot, (i * 31 + k * 97) % 1_024);
@@ -660,5 +781,62 @@ mod tests {
         assert_eq!(table.total(1), 1);
         let next = table.remapped(2, 1, &[None, Some(0)]);
         assert_eq!(reparse(&next).health(0), sick);
+    }
+
+    #[test]
+    fn only_endpoints_with_a_condition_take_health_bytes() {
+        let mut table = Table::new(1, 1_024);
+        let s = table.claim_slot(7, 0).unwrap();
+        let healthy_size = table.as_bytes().len();
+        // Marking endpoints wanted (every housekeeping does) adds no condition.
+        for e in 0..1_024 {
+            let wanted = Health {
+                wanted_at_s: 1_700_000_000,
+                ..Health::default()
+            };
+            table.set_health(e, &wanted);
+        }
+        assert_eq!(table.condition_count(), 0);
+        assert_eq!(table.as_bytes().len(), healthy_size);
+        table.increment(s, 600);
+        table.increment(s, 3);
+        // Conditions set out of order stay sorted and findable, beside the holdings.
+        let failing = |failures| Health {
+            failures,
+            wanted_at_s: 1_700_000_000,
+            ..Health::default()
+        };
+        let ejected = Health {
+            ejections: 2,
+            ejected_until_ms: 5_000,
+            ..failing(0)
+        };
+        for (e, health) in [
+            (900, failing(1)),
+            (5, ejected),
+            (600, failing(2)),
+            (0, failing(3)),
+        ] {
+            table.set_health(e, &health);
+        }
+        let table_copy = reparse(&table);
+        assert_eq!(table_copy.condition_count(), 4);
+        assert_eq!(table_copy.health(5), ejected);
+        assert_eq!(table_copy.health(600), failing(2));
+        assert_eq!(table_copy.health(601), failing(0));
+        assert!(!table_copy.eligible(5, 4_999));
+        assert!(table_copy.eligible(5, 5_000));
+        assert!(table_copy.eligible(600, 0));
+        assert_eq!(table_copy.total(600), 1);
+        assert_eq!(table_copy.row_count(s, 3), 1);
+        // Back to the default: the condition goes, and the value shrinks back.
+        for e in [900, 5, 600, 0] {
+            table.set_health(e, &failing(0));
+        }
+        assert_eq!(table.condition_count(), 0);
+        assert_eq!(table.decrement(s, 600), Decrement::Applied);
+        assert_eq!(table.decrement(s, 3), Decrement::Applied);
+        assert_eq!(table.as_bytes().len(), healthy_size);
+        assert_eq!(reparse(&table), table);
     }
 }

@@ -280,7 +280,7 @@ impl PoolTracker {
     ) -> Self {
         // v2: the table layout and the membership log changed; a filter of an older version
         // running in the same VM during an upgrade keeps its own keys.
-        let key_prefix = format!("model_lb.v2.{cluster}.");
+        let key_prefix = format!("model_lb.v3.{cluster}.");
         let mut ids = SplitMix64::new(seed);
         let leader_id = nonzero(&mut ids);
         Self {

@@ -19,7 +19,7 @@ fn worker(store: &MemoryStore, n: usize, seed: u64) -> PoolTracker {
 }
 
 fn totals(store: &MemoryStore) -> Vec<u32> {
-    Table::parse(store.raw("model_lb.v2.pool.table").unwrap())
+    Table::parse(store.raw("model_lb.v3.pool.table").unwrap())
         .unwrap()
         .totals()
 }
@@ -330,7 +330,7 @@ fn an_endpoint_with_requests_in_flight_is_never_pruned() {
     new.install(&store).unwrap();
     // Nobody has wanted the old endpoints for ages, but their requests' slot is alive.
     let now = 100_000;
-    let key = "model_lb.v2.pool.table";
+    let key = "model_lb.v3.pool.table";
     let mut table = Table::parse(store.raw(key).unwrap()).unwrap();
     for e in 0..2 {
         let mut health = table.health(e);
@@ -386,7 +386,7 @@ fn a_damaged_or_missing_table_is_rebuilt_on_the_request_path() {
     let store = MemoryStore::new();
     let mut t = worker(&store, 2, 1);
     let mut rng = SplitMix64::new(1);
-    store.overwrite("model_lb.v2.pool.table", b"garbage");
+    store.overwrite("model_lb.v3.pool.table", b"garbage");
     let routed = route(&mut t, &store, &mut rng);
     assert_eq!(totals(&store).iter().sum::<u32>(), 1);
     assert_eq!(
@@ -578,7 +578,7 @@ fn a_table_whose_columns_disagree_with_its_membership_is_rebuilt_not_trusted() {
     let held = route(&mut t, &store, &mut rng).ticket;
     // A foreign writer leaves a 5-column table pointing at the 3-endpoint membership.
     let token = t.membership().token();
-    store.overwrite("model_lb.v2.pool.table", Table::new(token, 5).as_bytes());
+    store.overwrite("model_lb.v3.pool.table", Table::new(token, 5).as_bytes());
     let routed = route(&mut t, &store, &mut rng);
     assert_eq!(totals(&store).len(), 3);
     assert_eq!(totals(&store).iter().sum::<u32>(), 1);
