@@ -542,6 +542,9 @@ impl Collector {
 pub struct LoadView {
     by_address: HashMap<String, EndpointLoad>,
     aligned: Vec<EndpointLoad>,
+    /// Some aligned entry differs from the default; without any, selection reads plain counts
+    /// and skips the view (every endpoint, every request).
+    news: bool,
     membership_token: u64,
     record_cas: Option<u32>,
 }
@@ -585,10 +588,16 @@ impl LoadView {
             .iter()
             .map(|address| self.by_address.get(address).copied().unwrap_or_default())
             .collect();
+        self.news = self.aligned.iter().any(|e| *e != EndpointLoad::default());
     }
 
+    /// The entries by endpoint position; empty when none holds news.
     pub fn entries(&self) -> &[EndpointLoad] {
-        &self.aligned
+        if self.news {
+            &self.aligned
+        } else {
+            &[]
+        }
     }
 
     /// An in-band report (`endpoint-load-metrics`) from a response this VM proxied: a queue
@@ -597,6 +606,7 @@ impl LoadView {
         let until = if waiting > 0 { until_ms } else { 0 };
         if let Some(entry) = self.aligned.get_mut(endpoint) {
             entry.queued_until_ms = until;
+            self.news |= until != 0;
         }
         if let Some(entry) = self.by_address.get_mut(address) {
             entry.queued_until_ms = until;
@@ -623,29 +633,44 @@ pub struct Estimates<'a, L: Loads + ?Sized> {
 }
 
 impl<L: Loads + ?Sized> Estimates<'_, L> {
-    fn entry(&self, endpoint: usize) -> EndpointLoad {
-        self.view.get(endpoint).copied().unwrap_or_default()
+    /// The view's entry, `None` when the view has no news for the endpoint (the common case
+    /// without server load or endpoint weights, which then costs no more than plain counts).
+    fn entry(&self, endpoint: usize) -> Option<&EndpointLoad> {
+        self.view
+            .get(endpoint)
+            .filter(|entry| **entry != EndpointLoad::default())
     }
 
     pub fn estimate(&self, endpoint: usize) -> u32 {
-        let entry = self.entry(endpoint);
         let local = self.local.load(endpoint);
-        if entry.fresh(self.now_ms, self.stale_after_ms) {
-            local.saturating_add(entry.remote)
-        } else {
-            local
+        match self.entry(endpoint) {
+            Some(entry) => self.judge(entry, local).0,
+            None => local,
         }
     }
 
     /// No free batch slot: the estimate reached the learned batch size, or a fresh report (or
     /// in-band report) shows a queue on a server whose batch size is not known yet.
     pub fn full(&self, endpoint: usize) -> bool {
-        let entry = self.entry(endpoint);
-        if entry.capacity > 0 {
-            return self.estimate(endpoint) >= entry.capacity;
-        }
-        entry.queued_until_ms > self.now_ms
-            || (entry.waiting > 0 && entry.fresh(self.now_ms, self.stale_after_ms))
+        self.entry(endpoint)
+            .is_some_and(|entry| self.judge(entry, self.local.load(endpoint)).1)
+    }
+
+    /// (estimate, full) from one look at the entry: selection asks for both of every endpoint
+    /// on every request.
+    fn judge(&self, entry: &EndpointLoad, local: u32) -> (u32, bool) {
+        let fresh = entry.fresh(self.now_ms, self.stale_after_ms);
+        let estimate = if fresh {
+            local.saturating_add(entry.remote)
+        } else {
+            local
+        };
+        let full = if entry.capacity > 0 {
+            estimate >= entry.capacity
+        } else {
+            entry.queued_until_ms > self.now_ms || (entry.waiting > 0 && fresh)
+        };
+        (estimate, full)
     }
 }
 
@@ -659,10 +684,14 @@ impl<L: Loads + ?Sized> Loads for Estimates<'_, L> {
     }
 
     fn rank(&self, endpoint: usize) -> u64 {
-        let weight = u64::from(self.entry(endpoint).weight.max(1));
-        let per_weight =
-            (u64::from(self.estimate(endpoint)) * RANK_SCALE / weight).min(FULL_BIT - 1);
-        if self.full(endpoint) {
+        let local = self.local.load(endpoint);
+        let Some(entry) = self.entry(endpoint) else {
+            return (u64::from(local) * RANK_SCALE).min(FULL_BIT - 1);
+        };
+        let (estimate, full) = self.judge(entry, local);
+        let weight = u64::from(entry.weight.max(1));
+        let per_weight = (u64::from(estimate) * RANK_SCALE / weight).min(FULL_BIT - 1);
+        if full {
             FULL_BIT | per_weight
         } else {
             per_weight

@@ -278,7 +278,7 @@ impl PoolTracker {
         seed: u64,
         now_ms: u64,
     ) -> Self {
-        // v2: the table layout and the membership log changed; a filter of an older version
+        // v3: the table layout changed (sparse health); a filter of an older version
         // running in the same VM during an upgrade keeps its own keys.
         let key_prefix = format!("model_lb.v3.{cluster}.");
         let mut ids = SplitMix64::new(seed);
