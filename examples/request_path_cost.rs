@@ -12,6 +12,9 @@
 //! and divide the total by the requests it prints. This leaves out what Envoy spends on each
 //! host call (the copies themselves are in, through `MemoryStore`).
 
+// A measuring tool run by hand: a panic with the reason is the right answer to bad input.
+#![allow(clippy::expect_used)]
+
 use model_lb::health::Outcome;
 use model_lb::rng::SplitMix64;
 use model_lb::select::Strategy;
@@ -21,7 +24,10 @@ use model_lb::tracker::PoolTracker;
 fn main() {
     let args: Vec<usize> = std::env::args()
         .skip(1)
-        .map(|a| a.parse().expect("numbers: endpoints workers in-flight requests"))
+        .map(|a| {
+            a.parse()
+                .expect("numbers: endpoints workers in-flight requests")
+        })
         .collect();
     let [endpoints, workers, in_flight, requests] = args[..] else {
         eprintln!("usage: request_path_cost ENDPOINTS WORKERS IN_FLIGHT_PER_WORKER REQUESTS");
